@@ -1,0 +1,178 @@
+"""Reading and writing TarFlow weights: official ``.pth`` files, Lightning checkpoints, our own.
+
+Every path goes through ``torch.load(weights_only=True)`` (a pickle that would run code is refused)
+and ends in ``load_state_dict(strict=True)`` after our own key/shape comparison, so a wrong file
+fails with one :class:`CheckpointError` that names the offending keys instead of a deep traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from tarflow.model.config import TarFlowConfig
+
+if TYPE_CHECKING:
+    from tarflow.model.tarflow import TarFlow
+
+# Official names: {dataset}_model_{P}_{Ch}_{T}_{K}_{sigma:.2f}.pth
+_OFFICIAL_NAME = re.compile(r"_model_(\d+)_(\d+)_(\d+)_(\d+)_([0-9.]+)\.pth$")
+# Prefixes under which our Lightning module (and common wrappers) store the network.
+_PREFIXES = ("net.", "model.", "module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable TarFlow checkpoint; the message says why and where."""
+
+
+def read_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True, turning every failure into one CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many types: UnpicklingError, RuntimeError, EOFError
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path} contains pickled Python objects that weights_only=True refuses to load "
+                f"(they could run code); re-save it as a plain state dict. Detail: {text}"
+            ) from None
+        raise CheckpointError(
+            f"{path} could not be read as a torch checkpoint (truncated or not a checkpoint?): "
+            f"{type(err).__name__}: {text}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def split_checkpoint(obj: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(state_dict of the bare network, stored config dict or None) from any supported layout."""
+    config = None
+    if "tarflow_config" in obj:  # our plain format
+        config = dict(obj["tarflow_config"])
+    hparams = obj.get("hyper_parameters")
+    if config is None and isinstance(hparams, dict) and isinstance(hparams.get("model"), dict):
+        config = dict(hparams["model"])  # our Lightning module stores the config under "model"
+    sd = obj.get("state_dict", obj)
+    if not isinstance(sd, dict):
+        raise CheckpointError("the checkpoint's 'state_dict' entry is not a dict")
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    for prefix in _PREFIXES:
+        if any(k.startswith(prefix + "blocks.") for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return sd, config
+
+
+def infer_config(sd: dict[str, torch.Tensor], *, name: str | None = None,
+                 **overrides) -> TarFlowConfig:
+    """Recover the architecture from tensor shapes (and an official file name, if given).
+
+    Shapes fix T, K, Ch, D, N, the class count and the MLP expansion. D = C * P^2 leaves C and P
+    ambiguous: an official file name gives P; otherwise RGB (C = 3) is tried first, then 1 and 4.
+    ``head_dim`` cannot be seen in any shape and defaults to the paper's 64.
+    """
+    if "blocks.0.proj_in.weight" not in sd or "blocks.0.pos_embed" not in sd:
+        some = ", ".join(sorted(sd)[:5]) or "(no tensors)"
+        raise CheckpointError(f"not a TarFlow state dict: no 'blocks.0.proj_in.weight' or "
+                              f"'blocks.0.pos_embed' key (first keys: {some})")
+    T = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    K = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("blocks.0.attn_blocks.")),
+                default=-1)
+    Ch, D = sd["blocks.0.proj_in.weight"].shape
+    N = sd["blocks.0.pos_embed"].shape[0]
+    classes = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
+    hidden = sd.get("blocks.0.attn_blocks.0.mlp.main.0.weight")
+    found = dict(channels=Ch, num_blocks=T, layers_per_block=K, num_classes=classes)
+    if hidden is not None:
+        found["expansion"] = hidden.shape[0] // Ch
+    match = _OFFICIAL_NAME.search(name or "")
+    if match:
+        found["patch_size"] = int(match.group(1))
+        found["noise_std"] = float(match.group(5))
+    side = math.isqrt(N)
+    if side * side != N:
+        raise CheckpointError(f"pos_embed has N={N} positions, which is not a square grid")
+    P = overrides.get("patch_size", found.get("patch_size"))
+    C = overrides.get("in_channels")
+    if P is not None and C is None and D % (P * P) == 0:
+        C = D // (P * P)
+    for c in ([C] if C else [3, 1, 4]):
+        p = P if P else math.isqrt(D // c)
+        if c * p * p == D:
+            found["in_channels"], found["patch_size"] = c, p
+            break
+    else:
+        raise CheckpointError(f"token size D={D} is not C*P^2 for C in (3, 1, 4); pass "
+                              f"in_channels= and patch_size= explicitly")
+    found["img_size"] = side * found["patch_size"]
+    return TarFlowConfig(**{**found, **overrides})
+
+
+def _compare(model_sd: dict, file_sd: dict) -> list[str]:
+    """Human-readable differences between the model's keys/shapes and the file's."""
+    problems = []
+    missing = sorted(set(model_sd) - set(file_sd))
+    unexpected = sorted(set(file_sd) - set(model_sd))
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:8])}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:8])}")
+    shapes = [f"{k}: file {tuple(file_sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in model_sd.items() if k in file_sd and file_sd[k].shape != v.shape]
+    if shapes:
+        problems.append(f"shape mismatches ({len(shapes)}): {'; '.join(shapes[:8])}")
+    return problems
+
+
+def load_model(cls: type[TarFlow], source: str | Path | dict, *,
+               map_location: str | torch.device = "cpu", **overrides) -> TarFlow:
+    """Build a TarFlow from a checkpoint file or an in-memory dict and load it strictly."""
+    name = None
+    if isinstance(source, (str, Path)):
+        name = Path(source).name
+        obj = read_file(source, map_location)
+    else:
+        obj = source
+    where = name or "the given state dict"
+    sd, stored = split_checkpoint(obj)
+    try:
+        if stored is not None:
+            config = TarFlowConfig(**{**stored, **overrides})
+        else:
+            config = infer_config(sd, name=name, **overrides)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot build a TarFlow: {err}") from None
+    model = cls(config)
+    problems = _compare(model.state_dict(), sd)
+    if problems:
+        raise CheckpointError(f"{where} does not match a TarFlow {config.tag} "
+                              f"(img {config.img_size}, classes {config.num_classes}): "
+                              + " | ".join(problems))
+    model.load_state_dict(sd, strict=True)
+    return model.to(map_location)
+
+
+def save_model(model: TarFlow, path: str | Path) -> Path:
+    """Atomic save: write to a temporary file in the same directory, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"tarflow_config": model.config.to_dict(), "state_dict": model.state_dict()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,34 @@
+"""Ring 1: sampling TarFlow (sequential, Jacobi, GS-Jacobi), CRM/IGM ranking, schedules."""
+
+from tarflow.model.guidance import Guidance
+from tarflow.sampling.denoise import self_denoise
+from tarflow.sampling.jacobi import BlockStats, gs_jacobi_block, relative_residual
+from tarflow.sampling.ranking import (
+    BlockRank,
+    block_metrics,
+    rank_blocks,
+    ranking_table,
+    schedule_from_ranking,
+)
+from tarflow.sampling.sample import (
+    SampleStats,
+    sample,
+    sample_gs_jacobi,
+    sample_jacobi,
+    sample_sequential,
+)
+from tarflow.sampling.schedule import (
+    SEQUENTIAL,
+    BlockSchedule,
+    SamplingSchedule,
+    build_schedule,
+    format_schedule,
+    parse_schedule,
+)
+
+__all__ = [
+    "SEQUENTIAL", "BlockRank", "BlockSchedule", "BlockStats", "Guidance", "SampleStats",
+    "SamplingSchedule", "block_metrics", "build_schedule", "format_schedule", "gs_jacobi_block", "parse_schedule",
+    "rank_blocks", "ranking_table", "relative_residual", "sample", "sample_gs_jacobi",
+    "sample_jacobi", "sample_sequential", "schedule_from_ranking", "self_denoise",
+]

@@ -1,0 +1,197 @@
+"""Jacobi and GS-Jacobi inversion of one flow block (ALGORITHMS.md §4).
+
+Sampling a block solves, in the block's token order, the lower-triangular system
+    x_0 = z_0,    x_i = z_i * exp(a_i(x_<i)) + b_i(x_<i).
+GS-Jacobi cuts positions [0, N) into S contiguous segments solved in order. Inside a segment
+[p, e) Jacobi updates every position at once from the previous iterate,
+    X^(k+1)_[p,e) = z_[p,e) * exp(a(X^(k))) + b(X^(k)),
+feeding tokens [p-1, e-1) through the transformer while attending to the cached keys/values of all
+earlier segments. Prefix position p + k is exact after k + 1 iterations, so ``e - p`` iterations
+solve a segment exactly; the stopping test usually ends it far sooner.
+
+Per-sample early exit: a sample whose residual falls below ``tol`` is written back and dropped from
+the working batch (its rows of the KV cache too), so converged samples cost nothing further.
+Overflow guard: a sample whose iterate goes non-finite is dropped from the block and re-solved with
+the exact sequential loop, with a warning; no NaN leaves this module silently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tarflow.model.attention import KVCache
+from tarflow.model.flow import FlowBlock, exp32
+from tarflow.model.guidance import Guidance
+from tarflow.model.permutation import permute
+from tarflow.sampling.schedule import BlockSchedule
+
+TraceFn = Callable[[dict], None]
+
+
+@dataclass
+class BlockStats:
+    """What solving one block cost.
+
+    Attributes:
+        block: forward block id.
+        segments: number of segments used.
+        iters: per segment, the iterations run (the most any sample needed): the latency cost.
+        sample_iters: (B,) total iterations each sample took over all segments.
+        residual: (B,) each sample's last relative residual (max over segments).
+        fallback: number of samples re-solved sequentially after a non-finite iterate.
+        seconds: wall time of the block (filled in by ``sample``).
+    """
+
+    block: int
+    segments: int
+    iters: list[int] = field(default_factory=list)
+    sample_iters: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    fallback: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_iters(self) -> int:
+        """Sum over segments of the iterations run: network passes on the critical path."""
+        return int(sum(self.iters))
+
+
+def relative_residual(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """(B,) mean((new - old)^2) / mean(new^2) over all but the batch dim, in >= float32.
+
+    At least float32 because a bf16 difference of nearly equal iterates is meaningless; float64
+    iterates keep float64 so that tol = 0 means an exact fixed point in the working precision.
+    """
+    dtype = torch.promote_types(new.dtype, torch.float32)
+    new, old = new.to(dtype), old.to(dtype)
+    diff = (new - old).pow(2).flatten(1).mean(1)
+    scale = new.pow(2).flatten(1).mean(1).clamp_min(1e-30)
+    return (diff / scale).float()
+
+
+def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
+    """Network-batch rows of sample rows: the cond rows, then their uncond twins at + B."""
+    return torch.cat([rows, rows + batch]) if guided else rows
+
+
+@torch.no_grad()
+def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
+                    schedule: BlockSchedule, *, guidance: Guidance = Guidance(),
+                    check_every: int = 1, callback: TraceFn | None = None
+                    ) -> tuple[torch.Tensor, BlockStats]:
+    """Invert one block by GS-Jacobi.
+
+    Args:
+        block: the flow block.
+        z: (B, N, D) the block's output (its sampling input), raster order.
+        y: (B,) labels or None.
+        schedule: segments, iteration cap, initial guess and tolerance for this block.
+        guidance: CFG / attention-temperature guidance.
+        check_every: test convergence every k iterations (each test syncs with the host).
+        callback: called after every iteration with {"block", "segment", "iteration",
+            "residual" (per active sample, float32), "active"}.
+
+    Returns:
+        x (B, N, D) raster order, and the block's stats.
+    """
+    B, N, D = z.shape
+    guided = guidance.active
+    zp = permute(z, block.flipped)
+    if schedule.init == "z":
+        xp = zp.clone()
+    else:  # [z_0, 0, ..., 0]
+        xp = torch.zeros_like(zp)
+        xp[:, 0] = zp[:, 0]
+    cond_all = block.class_bias(guidance.labels(y, B, z.device))  # (B', 1, Ch) or scalar
+    qs_all = guidance.q_scale(B, z.device, z.dtype)
+    cache = block.new_cache(B * (2 if guided else 1), dtype=z.dtype, device=z.device)
+    edges = schedule.boundaries(N)
+    stats = BlockStats(block.index, len(edges) - 1,
+                       sample_iters=torch.zeros(B, dtype=torch.long, device=z.device),
+                       residual=torch.zeros(B, dtype=torch.float32, device=z.device))
+    healthy = torch.ones(B, dtype=torch.bool, device=z.device)
+
+    def pick(t, rows):
+        return t if not isinstance(t, torch.Tensor) or t.dim() == 0 else t[rows]
+
+    for seg, (s, e) in enumerate(zip(edges[:-1], edges[1:])):
+        p = max(s, 1)  # position 0 is the identity and never needs solving
+        if p >= e:
+            continue
+        L = e - p
+        cap = L if schedule.max_iters is None else min(schedule.max_iters, L)
+        positions = torch.arange(p, e, device=z.device)
+        rows = healthy.nonzero().squeeze(1)  # (Ba,) samples still being solved here
+        if rows.numel() == 0:
+            break
+        full = rows.numel() == B
+        work = cache if full else cache.select(_net_rows(rows, B, guided), end=p - 1)
+        net = _net_rows(rows, B, guided)
+        cond = cond_all if full else pick(cond_all, net)
+        qs = qs_all if full or qs_all is None else qs_all[net]
+        seg_x = xp[rows, p - 1:e].clone()  # (Ba, L + 1, D): fed tokens plus the last position
+        seg_z = zp[rows, p:e]  # (Ba, L, D)
+        ran = 0
+        for k in range(cap):
+            # Jacobi step on the segment.
+            out = block.predict(guidance.expand(seg_x[:, :-1]), cond=cond, start=p - 1,
+                                cache=work, q_scale=qs)  # (Ba', L, 2D)
+            a, b = guidance.combine(out[..., :D], out[..., D:], positions, N)
+            new = seg_z * exp32(a) + b  # (Ba, L, D)
+            last = k == cap - 1
+            test = last or (k + 1) % check_every == 0
+            res = relative_residual(new, seg_x[:, 1:]) if test or callback else None
+            seg_x[:, 1:] = new
+            ran = k + 1
+            if callback is not None:
+                callback({"block": block.index, "segment": seg, "iteration": k + 1,
+                          "residual": res, "active": rows.numel()})
+            if not test:
+                continue
+            finite = torch.isfinite(new).flatten(1).all(1)
+            done = (res <= schedule.tol) | ~finite
+            if last or bool(done.any()):
+                # Retire converged (and broken) samples: results and cache rows go back.
+                leave = torch.ones_like(done) if last else done
+                gone = rows[leave]
+                xp[gone, p:e] = seg_x[leave, 1:]
+                stats.sample_iters[gone] += ran
+                stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave])
+                if not bool(finite.all()):
+                    healthy[rows[~finite]] = False
+                if work is not cache:
+                    local = _net_rows(leave.nonzero().squeeze(1), rows.numel(), guided)
+                    cache.put(_net_rows(gone, B, guided), _slice(work, local), p - 1, e - 1)
+                if last or bool(leave.all()):
+                    break
+                stay = ~leave
+                if work is cache:  # first retirement: move the survivors to a compact cache
+                    work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1)
+                else:
+                    work = _slice(work, _net_rows(stay.nonzero().squeeze(1), rows.numel(),
+                                                  guided))
+                rows = rows[stay]
+                seg_x, seg_z = seg_x[stay], seg_z[stay]
+                net = _net_rows(rows, B, guided)
+                cond = pick(cond_all, net)
+                qs = None if qs_all is None else qs_all[net]
+        stats.iters.append(ran)
+
+    x = permute(xp, block.flipped)
+    bad = (~healthy).nonzero().squeeze(1)
+    if bad.numel():
+        stats.fallback = int(bad.numel())
+        warnings.warn(f"GS-Jacobi iterates of block {block.index} went non-finite for "
+                      f"{bad.numel()} of {B} samples; re-solving those with the sequential loop",
+                      RuntimeWarning, stacklevel=2)
+        x[bad] = block.reverse(z[bad], None if y is None else y[bad], guidance=guidance)
+    return x, stats
+
+
+def _slice(cache: KVCache, rows: torch.Tensor) -> KVCache:
+    """Rows of a cache, every slot (a compaction of an already compact cache)."""
+    return KVCache(cache.k[:, rows], cache.v[:, rows])
