@@ -4,8 +4,8 @@ Forward (data -> noise), in the block's own token order ("permuted frame"):
     z_i = (x_i - b_i(x_<i)) * exp(-a_i(x_<i)),    logdet = -mean(a)
 where (a_i, b_i) is the transformer output at position i - 1 (the output is shifted right by one, so
 token 0 passes through unchanged). Sampling inverts this position by position; the samplers in
-``tarflow.sampling`` drive :meth:`FlowBlock.predict` directly, this module keeps the exact sequential
-inverse as the reference.
+``tarflow.sampling`` drive :meth:`FlowBlock.predict` directly; this module keeps the exact
+sequential inverse as the reference.
 """
 
 from __future__ import annotations
@@ -124,7 +124,9 @@ class FlowBlock(nn.Module):
         xp = permute(x, self.flipped)
         a, b = self.affine(xp, cond=self.class_bias(y))
         zp = (xp - b) * exp32(-a)
-        return permute(zp, self.flipped), -a.float().mean(dim=(1, 2))
+        # Reduce in >= float32: a bf16 mean over N*D terms is too coarse for a likelihood.
+        a32 = a.to(torch.promote_types(a.dtype, torch.float32))
+        return permute(zp, self.flipped), -a32.mean(dim=(1, 2))
 
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, *,

@@ -1,9 +1,9 @@
 """Classifier-free and attention-temperature guidance of a flow block's (a, b).
 
-With guidance the network is evaluated on two branches in one batched call: rows [0, B) are the
+With guidance the network runs two branches in one batched call: rows [0, B) are the
 conditional branch (the given labels, attention temperature 1) and rows [B, 2B) the "uncond" branch
-(the mean class embedding, attention logits divided by ``attn_temp``). The conditional model's affine
-parameters are then pushed away from the unconditional ones, on both a and b:
+(the mean class embedding, attention logits divided by ``attn_temp``). The conditional
+model's affine parameters are then pushed away from the unconditional ones, on both a and b:
     a <- a + g (a - a_u),    b <- b + g (b - b_u),
 with g = w everywhere, or annealed along the sequence as g_i = w * i / (N - 1) for output position i
 (the token fed at step i - 1 of the sequential loop), restarting in each block.

@@ -1,4 +1,4 @@
-"""The TarFlow model: patchify, T flow blocks, a Gaussian prior, likelihood and sequential inverse."""
+"""The TarFlow model: patchify, T flow blocks, a Gaussian prior, likelihood, sequential inverse."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ class FlowOutput:
     Attributes:
         z: (B, N, D) noise tokens (the output of the last forward block).
         logdet: (B,) sum over blocks of each block's per-dimension mean log-determinant.
-        block_outputs: T tensors (B, N, D): the output of forward block 0, 1, ..., T-1, raster order
-            (``block_outputs[-1] is z``); block b's input is ``block_outputs[b - 1]`` (the tokens for
-            b = 0).
+        block_outputs: T tensors (B, N, D): the output of forward block 0, 1, ..., T-1, raster
+            order (``block_outputs[-1] is z``); block b's input is ``block_outputs[b - 1]`` (the
+            tokens for b = 0).
         block_logdets: T tensors (B,).
     """
 
@@ -38,7 +38,8 @@ class FlowOutput:
 
 
 class TarFlow(nn.Module):
-    """Transformer autoregressive flow (Zhai et al. 2024), state-dict compatible with apple/ml-tarflow.
+    """Transformer autoregressive flow (Zhai et al. 2024), state-dict compatible with the official
+    checkpoints.
 
     Example:
         >>> model = TarFlow(preset("tiny"))
@@ -95,10 +96,11 @@ class TarFlow(nn.Module):
 
     def prior_nll(self, z: torch.Tensor) -> torch.Tensor:
         """(B,) per-dimension Gaussian negative log-density of z, without the 0.5 log(2 pi)."""
-        return 0.5 * (z.float().pow(2) / self.var + self.var.log()).mean(dim=(1, 2))
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16 squares lose the tail
+        return 0.5 * (z.pow(2) / self.var + self.var.log()).mean(dim=(1, 2))
 
     def nll(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) the training loss per sample: 0.5 mean(z^2) - sum_b logdet_b (nats/dim, no consts)."""
+        """(B,) training loss per sample: 0.5 mean(z^2) - sum_b logdet_b (nats/dim, no consts)."""
         out = self(x, y)
         return self.prior_nll(out.z) - out.logdet
 

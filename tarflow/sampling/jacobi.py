@@ -118,7 +118,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
     def pick(t, rows):
         return t if not isinstance(t, torch.Tensor) or t.dim() == 0 else t[rows]
 
-    for seg, (s, e) in enumerate(zip(edges[:-1], edges[1:])):
+    for seg, (s, e) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         p = max(s, 1)  # position 0 is the identity and never needs solving
         if p >= e:
             continue

@@ -118,6 +118,7 @@ def schedule_from_ranking(ranking: list[BlockRank], num_patches: int, *,
       4. Each block starts from the initial guess with the smaller IGM.
     """
     T = len(ranking)
+    default = BlockSchedule(1, else_iters, "z", tol)
     blocks = {}
     for r in ranking:
         init = r.best_init
@@ -128,7 +129,8 @@ def schedule_from_ranking(ranking: list[BlockRank], num_patches: int, *,
                                             tol)
         else:
             blocks[r.block] = BlockSchedule(1, else_iters, init, tol)
-    return SamplingSchedule(blocks, BlockSchedule(1, else_iters, "z", tol), name="")
+    blocks = {b: s for b, s in blocks.items() if s != default}  # keep only what differs
+    return SamplingSchedule(blocks, default, name="")
 
 
 def ranking_table(ranking: list[BlockRank], schedule: SamplingSchedule | None = None) -> str:

@@ -95,7 +95,8 @@ class SamplingSchedule:
     @classmethod
     def jacobi(cls, max_iters: int | None = None, *, init: str = "z",
                tol: float = 0.0) -> SamplingSchedule:
-        return cls(default=BlockSchedule(1, max_iters, init, tol), name="jacobi")
+        name = "jacobi" if max_iters is None else f"jacobi:{max_iters}"
+        return cls(default=BlockSchedule(1, max_iters, init, tol), name=name)
 
     # -------------------------------------------------------------------- text forms
     def describe(self) -> str:
@@ -168,16 +169,17 @@ def format_schedule(schedule: SamplingSchedule) -> str:
             return str(v[0]) if len(set(v)) == 1 else "/".join(map(str, v))
 
         return f"[{'/'.join(map(str, ids))}-{join(gs)}-{join(its)}-{d.max_iters}]"
-    parts = [f"{b}:{_short(s)}" for b, s in sorted(schedule.blocks.items())]
+    parts = [f"{b}:{_short(s)}" for b, s in sorted(schedule.blocks.items()) if s != d]
     parts.append(f"else:{_short(d)}")
-    return "{" + ", ".join(parts) + "}"
+    tols = {s.tol for s in [d, *schedule.blocks.values()]}
+    tail = f" tol={tols.pop():g}" if len(tols) == 1 else ""
+    return "{" + ", ".join(parts) + "}" + tail
 
 
 def _short(s: BlockSchedule) -> str:
     seg = "seq" if s.segments == SEQUENTIAL else f"S{s.segments}"
     its = "" if s.max_iters is None else f"xJ{s.max_iters}"
-    return f"{seg}{its}" + (f"/{s.init}" if s.init != "z" else "") + (f"/tol{s.tol:g}"
-                                                                       if s.tol else "")
+    return f"{seg}{its}" + (f"/{s.init}" if s.init != "z" else "")
 
 
 def build_schedule(spec: str | dict | SamplingSchedule | None, *, init: str = "z",

@@ -1,0 +1,82 @@
+"""Shared argparse pieces of the Hydra-free CLIs (tarflow-rank, tarflow-bench)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from tarflow.model import CheckpointError, TarFlow, preset
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", nargs="?", help="official .pth, Lightning .ckpt or our .pt "
+                        "file (or use --preset for randomly initialised weights)")
+    parser.add_argument("--preset", help="build a fresh model from a preset/P-Ch-T-K tag instead "
+                        "of loading a checkpoint (benchmark the cost of an architecture)")
+    parser.add_argument("--init-std", type=float, default=0.02, help="with --preset: std of the "
+                        "random proj_out weights (a zero proj_out is the trivial identity)")
+    parser.add_argument("--head-dim", type=int, help="attention head width if the checkpoint "
+                        "carries no config (official files: 64, the default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", help="dataset for the CRM/IGM probe batch: demo, fake, "
+                        "imagenet64, imagenet128, afhq (default: the model's own samples)")
+    parser.add_argument("--root", help="dataset root for imagenet/afhq")
+    parser.add_argument("--probe", type=int, default=256, help="images in the probe batch "
+                        "(the paper uses ~1000)")
+
+
+def fail(message: str) -> None:
+    """One clear line on stderr and exit 2, instead of a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def load_model(args: argparse.Namespace) -> TarFlow:
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    if args.preset:
+        try:
+            model = TarFlow(preset(args.preset))
+        except ValueError as err:
+            fail(str(err))
+        for block in model.blocks:
+            torch.nn.init.normal_(block.proj_out.weight, std=args.init_std)
+    elif args.checkpoint:
+        extra = {"head_dim": args.head_dim} if args.head_dim else {}
+        try:
+            model = TarFlow.from_checkpoint(args.checkpoint, **extra)
+        except CheckpointError as err:
+            fail(str(err))
+    else:
+        fail("give a CHECKPOINT or --preset NAME")
+    return model.to(device=args.device, dtype=dtype).eval()
+
+
+def probe_images(args: argparse.Namespace, model: TarFlow) -> tuple[torch.Tensor, str]:
+    """(M, C, H, W) images for CRM/IGM and a word on where they came from."""
+    cfg = model.config
+    if args.data:
+        from tarflow.data import build_dataset
+
+        try:
+            ds = build_dataset(args.data, root=args.root, img_size=cfg.img_size,
+                               split="train", channels=cfg.in_channels, flip=False)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        g = torch.Generator().manual_seed(args.seed)
+        idx = torch.randperm(len(ds), generator=g)[: args.probe].tolist()
+        images = torch.stack([ds[i][0] for i in idx])
+        where = f"{len(idx)} {args.data} images"
+    else:
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
+        noise = model.sample_noise(args.probe, generator=g)
+        images = model.reverse(noise)
+        where = f"{args.probe} sequential samples of the model (no --data given)"
+    return images.to(device=args.device, dtype=next(model.parameters()).dtype), where

@@ -1,0 +1,165 @@
+"""Side-by-side sampler timing: same weights, noise, labels and batch, in one process.
+
+Rules (docs/benchmarks.md): warm-up first, medians over repeats, no FID or I/O inside timed regions,
+errors measured against the sequential loop's images on the same noise.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from tarflow.model import TarFlow
+from tarflow.sampling import SamplingSchedule, sample
+
+
+@dataclass
+class BenchRow:
+    """One method's result at one batch size."""
+
+    method: str
+    schedule: str
+    batch: int
+    seconds: float  # median wall time of one call
+    seconds_per_image: float
+    speedup: float  # sequential seconds / these seconds
+    vs_forward: float  # these seconds / one likelihood (forward) pass on the same batch
+    max_abs_err: float
+    rel_err: float  # ||x - x_seq|| / ||x_seq||
+    iters: dict[int, int] = field(default_factory=dict)
+    peak_mem_mb: float | None = None
+    fid: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(
+    fn: Callable[[], object], *, repeats: int, warmup: int, device: torch.device
+) -> tuple[float, object]:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls; last result."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak allocated GPU memory of one call, or None on CPU (no allocator statistics there)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+@torch.no_grad()
+def benchmark(
+    model: TarFlow,
+    noise: torch.Tensor,
+    y: torch.Tensor | None,
+    methods: dict[str, SamplingSchedule],
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+    **knobs,
+) -> list[BenchRow]:
+    """Time the sequential loop and every method on the same inputs.
+
+    Args:
+        methods: name -> schedule; "sequential" is added first if missing (it is the reference).
+        knobs: guidance, attn_temp, annealed, denoise, check_every (passed to ``sample``).
+
+    Returns:
+        Rows in the order run, sequential first.
+    """
+    device = noise.device
+    B = noise.shape[0]
+    methods = {"sequential": SamplingSchedule.sequential(), **methods}
+    t_fwd, _ = median_time(
+        lambda: model(model.unpatchify(noise), y), repeats=repeats, warmup=warmup, device=device
+    )
+    rows: list[BenchRow] = []
+    ref = None
+    t_seq = None
+    for name, schedule in methods.items():
+        if progress:
+            progress(f"batch {B}: {name} ({schedule.describe()})")
+        secs, (images, stats) = median_time(
+            lambda s=schedule: sample(model, noise, y, s, **knobs),
+            repeats=repeats,
+            warmup=warmup,
+            device=device,
+        )
+        if ref is None:
+            ref, t_seq = images.double(), secs
+        diff = images.double() - ref
+        rows.append(
+            BenchRow(
+                method=name,
+                schedule=schedule.describe(),
+                batch=B,
+                seconds=secs,
+                seconds_per_image=secs / B,
+                speedup=t_seq / secs,
+                vs_forward=secs / t_fwd,
+                max_abs_err=float(diff.abs().max()),
+                rel_err=float(diff.norm() / ref.norm().clamp_min(1e-30)),
+                iters=stats.iters,
+                peak_mem_mb=peak_memory_mb(
+                    lambda s=schedule: sample(model, noise, y, s, **knobs), device
+                ),
+            )
+        )
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """Markdown table of benchmark rows."""
+    has_fid = any(r.fid is not None for r in rows)
+    has_mem = any(r.peak_mem_mb is not None for r in rows)
+    head = ["method", "schedule", "batch", "s/img", "speed-up", "x fwd", "max|err|", "rel err"]
+    head += (
+        (["FID"] if has_fid else []) + (["peak MB"] if has_mem else []) + ["iters, block T-1..0"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.method,
+            f"`{r.schedule}`",
+            str(r.batch),
+            f"{r.seconds_per_image:.4f}",
+            f"{r.speedup:.2f}x",
+            f"{r.vs_forward:.1f}",
+            f"{r.max_abs_err:.2e}",
+            f"{r.rel_err:.2e}",
+        ]
+        if has_fid:
+            cells.append("" if r.fid is None else f"{r.fid:.2f}")
+        if has_mem:
+            cells.append("" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}")
+        cells.append(" ".join(str(n) for _, n in sorted(r.iters.items(), reverse=True)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

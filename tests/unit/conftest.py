@@ -1,0 +1,29 @@
+"""Shared fixtures for ring-1 tests: small TarFlows with non-trivial (random) output layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tarflow.model import TarFlow, preset
+
+
+def make_model(num_classes: int = 0, *, dtype=torch.float64, std: float = 0.02, seed: int = 0,
+               **overrides) -> TarFlow:
+    """A tiny TarFlow with a random proj_out (a fresh one is the identity: it tests nothing)."""
+    torch.manual_seed(seed)
+    model = TarFlow(preset("tiny", num_classes=num_classes, **overrides)).to(dtype).eval()
+    for block in model.blocks:
+        torch.nn.init.normal_(block.proj_out.weight, std=std)
+        torch.nn.init.normal_(block.proj_out.bias, std=std)
+    return model
+
+
+@pytest.fixture
+def uncond_model() -> TarFlow:
+    return make_model(0)
+
+
+@pytest.fixture
+def cond_model() -> TarFlow:
+    return make_model(3)

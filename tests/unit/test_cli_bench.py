@@ -1,0 +1,45 @@
+"""tarflow-bench and tarflow-rank on a tiny model with non-trivial weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tarflow.cli import bench, rank
+
+
+def test_bench_table_errors_below_1e4_in_float32(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--batch", "1", "3", "--methods", "jacobi", "auto",
+                "[1-4-8-10]", "--tol", "1e-10", "--repeats", "2", "--probe", "16",
+                "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "| sequential |" in text and "| gs_jacobi_auto |" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"] for r in rows} == {"sequential", "jacobi", "gs_jacobi_auto",
+                                           "[1-4-8-10]"}
+    assert {r["batch"] for r in rows} == {1, 3}
+    for r in rows:
+        assert r["max_abs_err"] < 1e-4, r
+        assert r["seconds"] > 0 and r["speedup"] > 0
+        assert set(r["iters"]) == {"0", "1"}
+
+
+def test_rank_prints_table_and_schedule(tmp_path, capsys):
+    rank.main(["--preset", "tiny", "--data", "fake", "--probe", "8",
+               "--json", str(tmp_path / "r.json")])
+    text = capsys.readouterr().out
+    assert "share%" in text and "suggested schedule" in text
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["ranking"]) == 2 and "default" in saved["schedule"]
+
+
+def test_cli_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as err:
+        rank.main(["does-not-exist.pt"])
+    assert err.value.code == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--preset", "tiny", "--methods", "[9-8-32]"])
+    assert "cannot parse" in capsys.readouterr().err
