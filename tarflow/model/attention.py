@@ -55,6 +55,15 @@ class KVCache:
         v[:, :, :, :end] = self.v[:, rows, :, :end]
         return KVCache(k, v)
 
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write K/V (B, heads, L, head_dim) of tokens [start, start + L) in place; return all
+        keys and values of slots [0, start + L) as views (no copy)."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
     def put(self, rows: torch.Tensor, other: KVCache, start: int, end: int) -> None:
         """Copy slots [start, end) of ``other`` (whose batch is ``rows``) into our ``rows``."""
         self.k[:, rows, :, start:end] = other.k[:, :, :, start:end]
@@ -97,10 +106,7 @@ class Attention(nn.Module):
             q = q * q_scale.to(q.dtype)
         end = start + L
         if cache is not None:
-            cache.k[layer, :, :, start:end] = k
-            cache.v[layer, :, :, start:end] = v
-            k = cache.k[layer, :, :, :end]  # (B, heads, end, head_dim)
-            v = cache.v[layer, :, :, :end]
+            k, v = cache.update(layer, start, k, v)  # (B, heads, end, head_dim)
         elif start != 0:
             raise ValueError("attention without a cache must start at position 0")
         if L == 1:

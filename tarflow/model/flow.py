@@ -92,8 +92,12 @@ class FlowBlock(nn.Module):
         Returns:
             (B, L, 2D): a = [..., :D], b = [..., D:].
         """
-        L = xp.shape[1]
-        pos = permute(self.pos_embed, self.flipped, dim=0)[start:start + L]  # (L, Ch)
+        L, N = xp.shape[1], self.num_patches
+        # Positions [start, start + L) of the permuted order; slice before flipping (hot path).
+        if self.flipped:
+            pos = self.pos_embed[N - start - L:N - start].flip(0)  # (L, Ch)
+        else:
+            pos = self.pos_embed[start:start + L]
         h = self.proj_in(xp) + pos + cond  # (B, L, Ch)
         for layer, block in enumerate(self.attn_blocks):
             h = block(h, layer=layer, cache=cache, start=start, q_scale=q_scale)
@@ -130,12 +134,14 @@ class FlowBlock(nn.Module):
 
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, *,
-                guidance: Guidance = Guidance()) -> torch.Tensor:
+                guidance: Guidance = Guidance(), cache: KVCache | None = None) -> torch.Tensor:
         """Exact sequential inverse with a preallocated KV cache: N - 1 single-token steps.
 
         Args:
             z: (B, N, D) this block's output, raster order.
             y: (B,) labels or None.
+            cache: a fresh cache to use instead of a preallocated one (benchmarks plug in the
+                reference code's growing cache here).
 
         Returns:
             x: (B, N, D) with ``forward(x, y)[0] == z`` up to rounding.
@@ -145,10 +151,13 @@ class FlowBlock(nn.Module):
         xp = zp.clone()  # position 0 is the identity: x_0 = z_0
         cond = self.class_bias(guidance.labels(y, B, z.device))
         q_scale = guidance.q_scale(B, z.device, z.dtype)
-        cache = self.new_cache(B * (2 if guidance.active else 1), dtype=z.dtype, device=z.device)
+        if cache is None:
+            cache = self.new_cache(B * (2 if guidance.active else 1), dtype=z.dtype,
+                                   device=z.device)
+        positions = torch.arange(1, N, device=z.device)  # output position of step i is i + 1
         for i in range(N - 1):
             token = guidance.expand(xp[:, i:i + 1])  # (B', 1, D)
             out = self.predict(token, cond=cond, start=i, cache=cache, q_scale=q_scale)
-            a, b = guidance.combine(out[..., :D], out[..., D:], torch.tensor([i + 1]), N)
+            a, b = guidance.combine(out[..., :D], out[..., D:], positions[i:i + 1], N)
             xp[:, i + 1] = zp[:, i + 1] * exp32(a[:, 0]) + b[:, 0]
         return permute(xp, self.flipped)
