@@ -137,3 +137,13 @@ def test_sample_checks_inputs():
         sample(model, _noise(model), None, SamplingSchedule({5: BlockSchedule()}))
     with pytest.raises(ValueError, match="attn_temp"):
         sample(model, _noise(model), None, guidance=1.0)
+
+
+def test_concat_cache_baseline_gives_the_same_images():
+    from tarflow.eval.baseline import sample_sequential_concat
+
+    model = make_model(3)
+    z, y = _noise(model), torch.tensor([0, 1, 2, -1])
+    for knobs in GUIDANCE:
+        assert torch.equal(sample_sequential_concat(model, z, y, **knobs),
+                           sample_sequential(model, z, y, **knobs))
