@@ -7,7 +7,8 @@ GS-Jacobi cuts positions [0, N) into S contiguous segments solved in order. Insi
     X^(k+1)_[p,e) = z_[p,e) * exp(a(X^(k))) + b(X^(k)),
 feeding tokens [p-1, e-1) through the transformer while attending to the cached keys/values of all
 earlier segments. Prefix position p + k is exact after k + 1 iterations, so ``e - p`` iterations
-solve a segment exactly; the stopping test usually ends it far sooner.
+solve a segment exactly; the stopping test usually ends it far sooner. Iteration k + 1 therefore
+only feeds the tokens from that exact frontier on (the finished prefix's K/V stay cached).
 
 Per-sample early exit: a sample whose residual falls below ``tol`` is written back and dropped from
 the working batch (its rows of the KV cache too), so converged samples cost nothing further.
@@ -66,10 +67,19 @@ def relative_residual(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     At least float32 because a bf16 difference of nearly equal iterates is meaningless; float64
     iterates keep float64 so that tol = 0 means an exact fixed point in the working precision.
     """
+    return _residual(new, old, new)
+
+
+def _residual(new: torch.Tensor, old: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Relative residual of a segment of which only the tail ``new``/``old`` changed.
+
+    Args:
+        new, old: (B, L', D) the updated tail before and after the step.
+        segment: (B, L, D) the whole segment after the step (L >= L').
+    """
     dtype = torch.promote_types(new.dtype, torch.float32)
-    new, old = new.to(dtype), old.to(dtype)
-    diff = (new - old).pow(2).flatten(1).mean(1)
-    scale = new.pow(2).flatten(1).mean(1).clamp_min(1e-30)
+    diff = (new.to(dtype) - old.to(dtype)).pow(2).flatten(1).sum(1) / segment[0].numel()
+    scale = segment.to(dtype).pow(2).flatten(1).mean(1).clamp_min(1e-30)
     return (diff / scale).float()
 
 
@@ -137,15 +147,19 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
         seg_z = zp[rows, p:e]  # (Ba, L, D)
         ran = 0
         for k in range(cap):
-            # Jacobi step on the segment.
-            out = block.predict(guidance.expand(seg_x[:, :-1]), cond=cond, start=p - 1,
-                                cache=work, q_scale=qs)  # (Ba', L, 2D)
-            a, b = guidance.combine(out[..., :D], out[..., D:], positions, N)
-            new = seg_z * exp32(a) + b  # (Ba, L, D)
+            # Jacobi step on the segment. After k iterations positions [p, p + k) are final (the
+            # system is triangular), and so are the cached K/V of tokens before p - 1 + k: feed
+            # only tokens [p - 1 + k, e - 1), which is exact and saves k of the L tokens.
+            out = block.predict(guidance.expand(seg_x[:, k:-1]), cond=cond, start=p - 1 + k,
+                                cache=work, q_scale=qs)  # (Ba', L - k, 2D)
+            a, b = guidance.combine(out[..., :D], out[..., D:], positions[k:], N)
+            new = seg_z[:, k:] * exp32(a) + b  # (Ba, L - k, D)
             last = k == cap - 1
             test = last or (k + 1) % check_every == 0
-            res = relative_residual(new, seg_x[:, 1:]) if test or callback else None
-            seg_x[:, 1:] = new
+            old = seg_x[:, k + 1:].clone() if test or callback else None
+            seg_x[:, k + 1:] = new
+            # Residual over the whole segment: the final prefix contributes no change.
+            res = _residual(new, old, seg_x[:, 1:]) if old is not None else None
             ran = k + 1
             if callback is not None:
                 callback({"block": block.index, "segment": seg, "iteration": k + 1,
@@ -170,7 +184,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                     break
                 stay = ~leave
                 if work is cache:  # first retirement: move the survivors to a compact cache
-                    work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1)
+                    work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1 + ran)
                 else:
                     work = _slice(work, _net_rows(stay.nonzero().squeeze(1), rows.numel(),
                                                   guided))
