@@ -39,7 +39,7 @@ class ConcatKVCache(KVCache):
 def sample_sequential_concat(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
                              *, guidance: float = 0.0, attn_temp: float = 1.0,
                              annealed: bool = False) -> torch.Tensor:
-    """The sequential loop with a ``torch.cat``-grown cache; same images as ``sample_sequential``."""
+    """The sequential loop with a ``torch.cat``-grown cache; same images as sample_sequential."""
     g = Guidance(guidance, attn_temp, annealed)
     x = noise
     for block in reversed(model.blocks):
