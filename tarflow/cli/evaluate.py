@@ -1,0 +1,161 @@
+"""``tarflow-eval``: a checkpoint -> bits/dim on a split and/or FID@N with a chosen sampler.
+
+Examples::
+
+    tarflow-eval ckpt_path=outputs/demo/<time>/checkpoints/last.ckpt            # bpd + FID@100
+    tarflow-eval ckpt_path=... sampler=gs_jacobi_auto fid.num_samples=1000 bpd.enabled=false
+    tarflow-eval ckpt_path=... hparams_search=gs_jacobi_grid     # Hydra sweep over schedules
+
+FID uses the validation callback's recipe: the fixed sample set (member ``i`` from seed
+``seed + i``) and reference statistics cached under ``paths.fid_stats_dir`` (computed on first
+use, or beforehand with ``scripts/prepare_fid_stats.py``). Results (``val/bpd``, ``val/fid_<N>``,
+seconds per image, iterations per block) are printed and written to ``<out_dir>/eval.json``; the
+return value of :func:`main` is ``fid.optimized`` (FID by default), so a sweeper can minimise it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
+from tarflow.data import build_dataset, uniform_dequantize
+from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
+from tarflow.lit.callbacks.reference import reference_stats, stack_items
+from tarflow.lit.callbacks.sample_set import IterationTally, sample_batches
+from tarflow.lit.callbacks.sampler_config import parse_sampler
+from tarflow.model import TarFlow
+
+log = logging.getLogger(__name__)
+
+
+def _dataset(net: TarFlow, data: dict[str, Any], split: str):
+    cfg = net.config
+    return build_dataset(data["name"], root=data.get("root"), img_size=cfg.img_size, split=split,
+                         channels=cfg.in_channels, flip=False,
+                         **(data.get("dataset_kwargs") or {}))
+
+
+@torch.no_grad()
+def bits_per_dim(net: TarFlow, dataset, *, batch_size: int, max_images: int | None = None,
+                 seed: int = 0, progress: bool = False) -> dict[str, float]:
+    """Mean bits/dim over (the first ``max_images`` of) a dataset, uniform dequantisation.
+
+    Image j's dequantisation noise comes from a CPU generator seeded ``seed + j``, so the
+    number depends on neither the device nor the batch size.
+    """
+    count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    param = next(net.parameters())
+    total, seen = 0.0, 0
+    t0 = time.perf_counter()
+    starts = range(0, count, batch_size)
+    for start in progress_bar(starts, len(starts), progress, "bpd"):
+        x, y = stack_items(dataset, range(start, min(start + batch_size, count)))
+        gens = [torch.Generator().manual_seed(seed + start + j) for j in range(x.shape[0])]
+        x = torch.cat([uniform_dequantize(x[j:j + 1], g) for j, g in enumerate(gens)])
+        labels = y.to(param.device) if net.config.conditional else None
+        bpd = net.bits_per_dim(x.to(param.device, param.dtype), labels)  # (B,)
+        total += float(bpd.double().sum())
+        seen += x.shape[0]
+    return {"val/bpd": total / max(seen, 1), "bpd_images": seen,
+            "bpd_seconds": time.perf_counter() - t0}
+
+
+def _extractor(fid: dict[str, Any], device: torch.device):
+    """Inception (default), or the ``fid.extractor`` object a config instantiated."""
+    extractor = fid.get("extractor")
+    if extractor is None:
+        extractor = InceptionFeatures(fid.get("inception_weights"),
+                                      batch_size=int(fid.get("feature_batch_size") or 64))
+    if isinstance(extractor, torch.nn.Module):
+        extractor = extractor.to(device).eval()
+    return extractor
+
+
+@torch.no_grad()
+def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str, Any],
+             progress: bool = False) -> dict[str, Any]:
+    """Sample the fixed set of ``fid.num_samples`` images with ``cfg.sampler`` and score it."""
+    settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
+    probe = {"dataset": data["name"], "root": data.get("root"),
+             "dataset_kwargs": data.get("dataset_kwargs"),
+             **OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)}
+    schedule = resolve_schedule(settings, net, probe)
+    device = next(net.parameters()).device
+    extractor = _extractor(fid, device)
+    ref_split = fid.get("reference_split") or "train"
+    ref_ds = _dataset(net, data, ref_split)
+    stats_path = str(fid["stats_path"]).format(img_size=net.config.img_size,
+                                               channels=net.config.in_channels)
+    t0 = time.perf_counter()
+    reference = reference_stats(stats_path, ref_ds, extractor, split=ref_split,
+                                count=int(fid.get("reference_size") or 500),
+                                seed=int(fid.get("reference_seed") or 0),
+                                batch_size=int(fid.get("feature_batch_size") or 64),
+                                device=device, progress=progress)
+    ref_seconds = time.perf_counter() - t0
+    n, batch = int(fid["num_samples"]), int(fid.get("batch_size") or 64)
+    tally = IterationTally(net.config.num_blocks)
+    features = FeatureStats()
+    feature_seconds = 0.0
+    batches = sample_batches(net, range(n), schedule, seed=int(fid.get("seed") or 0),
+                             batch_size=batch, knobs=settings.knobs)
+    for b in progress_bar(batches, math.ceil(n / batch), progress, f"FID@{n}"):
+        tally.add(b)
+        t1 = time.perf_counter()
+        features.update(extractor(b.images.float()))
+        feature_seconds += time.perf_counter() - t1
+    mu, sigma = features.mean_cov()
+    ref_mu, ref_sigma = reference.mean_cov()
+    return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
+            **summary_of(settings, schedule, tally), "fid_stats_path": stats_path,
+            "reference_seconds": ref_seconds, "feature_seconds": feature_seconds}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate as configured; returns the results dict (also written to ``eval.json``)."""
+    net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    progress = bool(cfg.get("progress", True))
+    results: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "model": net.config.tag}
+    if cfg.bpd.enabled:
+        ds = _dataset(net, data, data.get("split") or "val")
+        results.update(bits_per_dim(net, ds, batch_size=int(data.get("batch_size") or 256),
+                                    max_images=data.get("max_images"),
+                                    seed=int(cfg.bpd.get("seed") or 0), progress=progress))
+    if cfg.fid.enabled:
+        # instantiate() turns an `extractor: {_target_: ...}` node into the object (tests use a
+        # small seeded conv net); everything else stays plain.
+        fid = OmegaConf.to_container(cfg.fid, resolve=True)
+        fid["extractor"] = instantiate(cfg.fid.extractor) if cfg.fid.get("extractor") else None
+        results.update(fid_at_n(net, cfg, data, fid, progress))
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(results, indent=2, default=str))
+    for key, value in results.items():
+        if isinstance(value, float):
+            print(f"{key}: {value:.4f}")
+    print(f"results written to {out / 'eval.json'}")
+    return results
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; returns the ``optimized_metric`` for Hydra sweepers."""
+    results = run(cfg)
+    key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
+    value = results.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+if __name__ == "__main__":
+    main()

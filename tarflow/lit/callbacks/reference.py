@@ -1,0 +1,90 @@
+"""Real images for the CRM/IGM probe batch and the cached FID reference statistics.
+
+Both use a fixed subset of a dataset: the first ``count`` indices of a permutation seeded by
+``seed``, so class-sorted datasets still give a class-balanced subset and every run (and the
+``scripts/prepare_fid_stats.py`` script) picks the same images. The reference cache carries the
+settings it was computed under (:func:`reference_meta`); a cache computed for other images is
+recomputed instead of being compared against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from tarflow.eval import FeatureStats, load_or_compute_reference
+
+
+def fixed_subset(dataset: Dataset, count: int, seed: int = 0) -> list[int]:
+    """The first ``min(count, len(dataset))`` indices of a ``seed``-fixed permutation."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(len(dataset), generator=gen)[: max(0, int(count))].tolist()
+
+
+def stack_items(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (M, C, H, W) and labels (M,) int64 of the given dataset items."""
+    items = [dataset[i] for i in indices]
+    images = torch.stack([torch.as_tensor(x) for x, _ in items])
+    labels = torch.stack([torch.as_tensor(y, dtype=torch.long) for _, y in items])
+    return images, labels
+
+
+def image_batches(dataset: Dataset, indices: Sequence[int], batch_size: int,
+                  device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """(B, C, H, W) image batches of the given dataset items, moved to ``device``."""
+    indices = list(indices)
+    for start in range(0, len(indices), batch_size):
+        yield stack_items(dataset, indices[start:start + batch_size])[0].to(device)
+
+
+def describe_dataset(dataset: Dataset) -> dict[str, Any]:
+    """Name, image size and channels of a dataset (from its attributes or its first image)."""
+    x = torch.as_tensor(dataset[0][0])
+    return {
+        "dataset": str(getattr(dataset, "name", type(dataset).__name__)),
+        "img_size": int(getattr(dataset, "img_size", x.shape[-1])),
+        "channels": int(getattr(dataset, "channels", x.shape[0])),
+    }
+
+
+def reference_meta(dataset: Dataset, *, split: str, count: int, seed: int) -> dict[str, Any]:
+    """What determines a reference-statistics file: the images and how they were chosen."""
+    return {**describe_dataset(dataset), "split": str(split), "count": int(count),
+            "subset_seed": int(seed)}
+
+
+def stats_file_name(dataset: str, img_size: int, channels: int, split: str, count: int) -> str:
+    """The cache file name every entry point uses, e.g. ``demo_16px_c1_train300.npz``.
+
+    ``conf/callbacks/sampling.yaml`` and ``conf/eval.yaml`` spell the same pattern with
+    interpolations, so the callback, ``tarflow-eval`` and ``scripts/prepare_fid_stats.py`` share
+    one cache.
+    """
+    return f"{dataset}_{int(img_size)}px_c{int(channels)}_{split}{int(count)}.npz"
+
+
+def reference_stats(path: str | Path, dataset: Dataset, extractor: Callable, *, split: str,
+                    count: int, seed: int = 0, batch_size: int = 64,
+                    device: torch.device | str = "cpu", progress: bool = False) -> FeatureStats:
+    """Load the reference statistics from ``path``, computing and caching them when needed.
+
+    Args:
+        path: cache file (``.npz``).
+        dataset: the real images (items ``(x (C, H, W) in [-1, 1], y)``).
+        extractor: feature network, images (B, C, H, W) -> (B, F).
+        split: the dataset's split name (recorded in the cache's meta).
+        count: images to use (fewer if the dataset is smaller).
+        seed: seed of the subset permutation.
+        batch_size: images per extractor call.
+        device: where the images go before the extractor sees them.
+        progress: show a progress bar while computing.
+    """
+    indices = fixed_subset(dataset, count, seed)
+    meta = reference_meta(dataset, split=split, count=len(indices), seed=seed)
+    return load_or_compute_reference(
+        path, lambda: image_batches(dataset, indices, batch_size, device), extractor, meta,
+        progress=progress)

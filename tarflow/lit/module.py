@@ -1,0 +1,252 @@
+"""LightningModule that trains a TarFlow by maximum likelihood (ALGORITHMS.md §2).
+
+The module turns batches into the ring-1 loss ``TarFlow.nll`` and owns the optimiser recipe:
+AdamW (β = (0.9, 0.95), weight decay 1e-4), linear warm-up then cosine decay to ``min_lr``,
+stepped every optimiser step. Everything it receives is a plain dict / number, and it saves those
+with ``save_hyperparameters()``, so ``TarFlowLitModule.load_from_checkpoint(path)`` works in a
+notebook without Hydra, and ``TarFlow.from_checkpoint(path)`` finds the architecture under
+``hyper_parameters["model"]`` and the network under the ``net.`` prefix.
+
+Which weights a checkpoint holds:
+    With an EMA callback in the run (``tarflow.lit.ema.EMA``, a Lightning ``WeightAveraging``;
+    on by default through ``callbacks: default``), the checkpoint's ``state_dict`` holds the
+    **EMA** weights; the raw training weights sit in ``checkpoint["current_model_state"]`` and
+    the averaging counters in ``checkpoint["averaging_state"]`` (resuming restores both).
+    Without the callback ``state_dict`` holds the raw weights. Every checkpoint written by this
+    module says which in ``checkpoint["tarflow"]["weights"]`` (``"ema"`` or ``"raw"``).
+    Validation metrics are computed on the EMA weights too (the callback swaps them in).
+
+Randomness: the augmentation noise and label dropout draw from a generator seeded by
+``(seed, epoch, batch index, rank)``, not from the global RNG, so a run resumed from a checkpoint
+draws exactly the noise an uninterrupted run would have drawn, and validation noise is the same at
+every evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from tarflow.data import drop_labels, gaussian_noise, uniform_dequantize
+from tarflow.model import TarFlow, TarFlowConfig
+
+OPTIM_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-4,
+    "betas": (0.9, 0.95),
+    "weight_decay": 1e-4,
+    "eps": 1e-8,
+    "warmup_epochs": 1.0,
+    "warmup_steps": None,  # when set, wins over warmup_epochs
+    "min_lr": 1e-6,
+}
+NOISE_DEFAULTS: dict[str, Any] = {"type": "gaussian", "std": 0.05}
+NOISE_TYPES = ("gaussian", "uniform")
+
+
+def _plain(value: Any) -> Any:
+    """Recursively turn mappings / sequences (e.g. OmegaConf containers) into dicts and lists.
+
+    Keeps omegaconf objects out of the saved hyper-parameters without importing omegaconf.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(name: str, given: Mapping | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """Defaults updated by ``given``; unknown keys are an error (a typo must not pass silently)."""
+    given = _plain(given or {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {name} option(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor``.
+
+    A class rather than a closure so ``LambdaLR.state_dict()`` stores its fields and the
+    scheduler pickles into spawned DDP workers.
+
+    Args:
+        warmup: warm-up steps (0 = none).
+        total: total optimiser steps; None or inf = constant after warm-up.
+        floor: final multiplier, ``min_lr / lr``.
+    """
+
+    def __init__(self, warmup: int, total: float | None, floor: float) -> None:
+        self.warmup = max(0, int(warmup))
+        self.total = None if total is None or math.isinf(total) else int(total)
+        self.floor = float(floor)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            # (step + 1) so the very first update already moves (lr / warmup, not 0).
+            return (step + 1) / self.warmup
+        if self.total is None or self.total <= self.warmup:
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / (self.total - self.warmup))
+        return self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class TarFlowLitModule(L.LightningModule):
+    """Trains ``self.net``, a :class:`~tarflow.model.TarFlow`.
+
+    Args:
+        model: TarFlowConfig fields (``img_size``, ``patch_size``, ``channels``, ...).
+        optim: ``lr``, ``betas``, ``weight_decay``, ``eps``, ``warmup_epochs`` or
+            ``warmup_steps``, ``min_lr`` (defaults in ``OPTIM_DEFAULTS``).
+        noise: ``type`` ("gaussian": x + std·ε, the generation recipe; "uniform": uniform
+            dequantisation, the likelihood recipe) and ``std``.
+        label_drop: probability of replacing a label by the null class -1 (conditional models).
+        seed: seeds the augmentation generators.
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        optim: Mapping[str, Any] | None = None,
+        noise: Mapping[str, Any] | None = None,
+        label_drop: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        model = _plain(model)
+        known = {f.name for f in dataclasses.fields(TarFlowConfig)}
+        if set(model) - known:
+            raise ValueError(
+                f"unknown model field(s) {sorted(set(model) - known)}; "
+                f"TarFlowConfig fields: {sorted(known)}"
+            )
+        self.config = TarFlowConfig(**model)
+        self.optim_cfg = _merge("optim", optim, OPTIM_DEFAULTS)
+        self.noise_cfg = _merge("noise", noise, NOISE_DEFAULTS)
+        if self.noise_cfg["type"] not in NOISE_TYPES:
+            raise ValueError(
+                f"noise.type={self.noise_cfg['type']!r}; expected one of {NOISE_TYPES}"
+            )
+        if not 0.0 <= label_drop <= 1.0:
+            raise ValueError(f"label_drop={label_drop} must be in [0, 1]")
+        self.label_drop = float(label_drop)
+        self.seed = int(seed or 0)
+        # Store complete, plain values: the full config (so from_checkpoint needs no defaults),
+        # and no omegaconf containers (so loading needs no Hydra).
+        self.save_hyperparameters(
+            {
+                "model": self.config.to_dict(),
+                "optim": {**self.optim_cfg, "betas": list(self.optim_cfg["betas"])},
+                "noise": dict(self.noise_cfg),
+                "label_drop": self.label_drop,
+                "seed": self.seed,
+            }
+        )
+        self.net = TarFlow(self.config)
+
+    # ------------------------------------------------------------------ batch preparation
+    def _generator(
+        self, stage: int, epoch: int, batch_idx: int, device: torch.device
+    ) -> torch.Generator:
+        """A fresh generator for one batch, fixed by (seed, stage, epoch, batch, rank)."""
+        key = (self.seed, stage, epoch, batch_idx, self.global_rank)
+        seed = 0
+        for part in key:  # simple polynomial mix; collisions only matter across identical keys
+            seed = (seed * 1_000_003 + int(part)) % (2**62)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """(B, C, H, W) -> (B, C, H, W) with the training noise applied."""
+        if self.noise_cfg["type"] == "uniform":
+            return uniform_dequantize(x, generator=gen)
+        return gaussian_noise(x, float(self.noise_cfg["std"]), generator=gen)
+
+    def _labels(self, y: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor | None:
+        """(B,) labels for the net: None for unconditional models, dropped to -1 when training."""
+        if not self.config.conditional:
+            return None
+        if gen is not None and self.label_drop > 0:
+            return drop_labels(y, self.label_drop, generator=gen)
+        return y
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
+        """batch: x (B, C, H, W) in [-1, 1], y (B,) int64. Returns the scalar mean NLL."""
+        x, y = batch
+        gen = self._generator(0, self.current_epoch, batch_idx, x.device)
+        x = self._augment(x, gen)
+        labels = self._labels(y, gen)
+        loss = self.net.nll(x, labels).mean()
+        if not torch.isfinite(loss):
+            # Stop before the optimiser step so no later checkpoint holds poisoned weights.
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at global step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch index {batch_idx}); lower the learning rate, "
+                f"enable gradient clipping, or check the data"
+            )
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=x.shape[0])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Logs val/nll (training objective, nats/dim) and val/bpd (uniform dequantisation)."""
+        x, y = batch
+        gen = self._generator(1, 0, batch_idx, x.device)
+        labels = self._labels(y, None)
+        nll = self.net.nll(self._augment(x, gen), labels).mean()
+        bpd = self.net.bits_per_dim(uniform_dequantize(x, generator=gen), labels).mean()
+        kw = dict(on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        self.log("val/nll", nll, **kw)
+        self.log("val/bpd", bpd, prog_bar=True, **kw)
+
+    # ------------------------------------------------------------------ optimisation
+    def _steps_per_epoch(self) -> int:
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if not batches or math.isinf(batches):
+            return 1
+        return max(1, int(batches) // max(1, trainer.accumulate_grad_batches))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.parameters(),
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+            weight_decay=o["weight_decay"],
+            eps=o["eps"],
+        )
+        total = self.trainer.estimated_stepping_batches
+        if o["warmup_steps"] is not None:
+            warmup = int(o["warmup_steps"])
+        else:
+            warmup = round(float(o["warmup_epochs"]) * self._steps_per_epoch())
+        schedule = WarmupCosine(warmup, total, o["min_lr"] / o["lr"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Adds ``checkpoint["tarflow"]``: which weights ``state_dict`` holds, and the config.
+
+        Lightning runs the callbacks' hooks before this one, so an averaging callback has
+        already moved the raw weights to ``current_model_state`` when we look.
+        """
+        logger = self.logger
+        checkpoint["tarflow"] = {
+            "weights": "ema" if "current_model_state" in checkpoint else "raw",
+            "raw_weights_key": (
+                "current_model_state" if "current_model_state" in checkpoint else "state_dict"
+            ),
+            "config": self.config.to_dict(),
+            "tag": self.config.tag,
+            "run_id": None if logger is None else str(logger.version),
+        }
