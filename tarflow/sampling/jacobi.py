@@ -83,6 +83,15 @@ def _residual(new: torch.Tensor, old: torch.Tensor, segment: torch.Tensor) -> to
     return (diff / scale).float()
 
 
+def _position_change(new: torch.Tensor, old: torch.Tensor, segment: torch.Tensor
+                     ) -> torch.Tensor:
+    """(B, L') per-position mean squared change over D, relative to the segment's mean square:
+    the terms whose mean over the segment is the residual."""
+    dtype = torch.promote_types(new.dtype, torch.float32)
+    diff = (new.to(dtype) - old.to(dtype)).pow(2).mean(-1)  # (B, L')
+    return diff / segment.to(dtype).pow(2).flatten(1).mean(1, keepdim=True).clamp_min(1e-30)
+
+
 def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     """Network-batch rows of sample rows: the cond rows, then their uncond twins at + B."""
     return torch.cat([rows, rows + batch]) if guided else rows
@@ -146,25 +155,34 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
         seg_x = xp[rows, p - 1:e].clone()  # (Ba, L + 1, D): fed tokens plus the last position
         seg_z = zp[rows, p:e]  # (Ba, L, D)
         ran = 0
+        front = 0  # positions [p, p + front) are frozen: never fed or updated again
         for k in range(cap):
-            # Jacobi step on the segment. After k iterations positions [p, p + k) are final (the
-            # system is triangular), and so are the cached K/V of tokens before p - 1 + k: feed
-            # only tokens [p - 1 + k, e - 1), which is exact and saves k of the L tokens.
-            out = block.predict(guidance.expand(seg_x[:, k:-1]), cond=cond, start=p - 1 + k,
-                                cache=work, q_scale=qs)  # (Ba', L - k, 2D)
-            a, b = guidance.combine(out[..., :D], out[..., D:], positions[k:], N)
-            new = seg_z[:, k:] * exp32(a) + b  # (Ba, L - k, D)
-            last = k == cap - 1
-            test = last or (k + 1) % check_every == 0
-            old = seg_x[:, k + 1:].clone() if test or callback else None
-            seg_x[:, k + 1:] = new
-            # Residual over the whole segment: the final prefix contributes no change.
+            # Jacobi step on the segment's unfrozen part: tokens [p - 1 + front, e - 1) are fed,
+            # attending to the cached K/V of everything before them.
+            out = block.predict(guidance.expand(seg_x[:, front:-1]), cond=cond,
+                                start=p - 1 + front, cache=work, q_scale=qs)  # (Ba', L-f, 2D)
+            a, b = guidance.combine(out[..., :D], out[..., D:], positions[front:], N)
+            new = seg_z[:, front:] * exp32(a) + b  # (Ba, L - front, D)
+            test = k == cap - 1 or (k + 1) % check_every == 0
+            old = seg_x[:, front + 1:].clone() if test or callback else None
+            seg_x[:, front + 1:] = new
+            # Residual over the whole segment: frozen positions contribute no change.
             res = _residual(new, old, seg_x[:, 1:]) if old is not None else None
             ran = k + 1
+            # Advance the frontier. One position always: after k + 1 iterations the first k + 1
+            # are final (the system is triangular). With ``freeze``, also every further leading
+            # position whose change is within tol for all active samples (exact at tol = 0: an
+            # unchanged prefix is a fixed point, hence the solution).
+            step = 1
+            if schedule.freeze and old is not None:
+                change = _position_change(new, old, seg_x[:, 1:])  # (Ba, L - front)
+                step = max(1, int((change <= schedule.tol).all(0).int().cumprod(0).sum()))
+            front = min(front + step, L)
+            last = k == cap - 1 or front == L
             if callback is not None:
                 callback({"block": block.index, "segment": seg, "iteration": k + 1,
                           "residual": res, "active": rows.numel()})
-            if not test:
+            if not (test or last):  # a fully frozen segment is done whatever check_every says
                 continue
             finite = torch.isfinite(new).flatten(1).all(1)
             done = (res <= schedule.tol) | ~finite
@@ -184,7 +202,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                     break
                 stay = ~leave
                 if work is cache:  # first retirement: move the survivors to a compact cache
-                    work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1 + ran)
+                    work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1 + front)
                 else:
                     work = _slice(work, _net_rows(stay.nonzero().squeeze(1), rows.numel(),
                                                   guided))
@@ -203,6 +221,10 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                       f"{bad.numel()} of {B} samples; re-solving those with the sequential loop",
                       RuntimeWarning, stacklevel=2)
         x[bad] = block.reverse(z[bad], None if y is None else y[bad], guidance=guidance)
+        if not bool(torch.isfinite(x[bad]).all()):
+            warnings.warn(f"the sequential inverse of block {block.index} is non-finite too: the "
+                          f"model itself overflows on these samples (not a solver problem)",
+                          RuntimeWarning, stacklevel=2)
     return x, stats
 
 

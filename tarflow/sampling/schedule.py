@@ -33,12 +33,16 @@ class BlockSchedule:
         init: initial guess, "z" (the block's sampling input) or "zeros" ([z_0, 0, ..., 0]).
         tol: stop a sample once its relative residual mean((X' - X)^2) / mean(X'^2), computed in
             float32 over the segment, is <= tol. 0 stops only at an exact fixed point.
+        freeze: stop feeding the leading positions whose change is already within ``tol`` for
+            every active sample (their cached K/V are kept). Exact at tol = 0; saves compute
+            where Jacobi converges front to back.
     """
 
     segments: int = 1
     max_iters: int | None = None
     init: str = "z"
     tol: float = 0.0
+    freeze: bool = True
 
     def __post_init__(self) -> None:
         if self.segments != SEQUENTIAL and self.segments < 1:

@@ -147,3 +147,35 @@ def test_concat_cache_baseline_gives_the_same_images():
     for knobs in GUIDANCE:
         assert torch.equal(sample_sequential_concat(model, z, y, **knobs),
                            sample_sequential(model, z, y, **knobs))
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_freezing_is_exact_at_tol_zero_and_saves_nothing_it_should_not(check_every):
+    model = make_model(3)
+    z, y = _noise(model), torch.tensor([0, 1, 2, -1])
+    ref = sample_sequential(model, z, y, guidance=1.0)
+    for freeze in (True, False):
+        schedule = SamplingSchedule(default=BlockSchedule(2, None, "z", 0.0, freeze=freeze))
+        out, _ = sample(model, z, y, schedule, guidance=1.0, check_every=check_every)
+        torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+
+
+def test_freezing_feeds_fewer_tokens_at_a_tolerance(monkeypatch):
+    model = make_model(0, std=0.07, img_size=16)  # N = 64: convergence is uneven along it
+    z = _noise(model, batch=2)
+    fed, outs = {}, {}
+    for freeze in (True, False):
+        counts = []
+        for block in model.blocks:
+            original = type(block).predict
+
+            def counting(xp, *args, _orig=original, _block=block, **kw):
+                counts.append(xp.shape[1])
+                return _orig(_block, xp, *args, **kw)
+
+            monkeypatch.setattr(block, "predict", counting)
+        schedule = SamplingSchedule(default=BlockSchedule(1, None, "z", 1e-6, freeze=freeze))
+        outs[freeze], _ = sample(model, z, None, schedule)
+        fed[freeze] = sum(counts)
+    assert fed[True] < fed[False]
+    assert (outs[True] - outs[False]).abs().max() < 1e-2
