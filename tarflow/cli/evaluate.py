@@ -27,6 +27,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
 from tarflow.data import build_dataset, uniform_dequantize
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
@@ -149,12 +150,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns the ``optimized_metric`` for Hydra sweepers."""
-    results = run(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Returns the ``optimized_metric`` for Hydra sweepers."""
+    with one_line_errors():  # a missing or broken checkpoint is one line, not a traceback
+        results = run(cfg)
     key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
     value = results.get(key)
     return float(value) if isinstance(value, (int, float)) else None
+
+
+def main() -> float | None:
+    """Console entry point (user errors: one ``error: ...`` line, exit status 2)."""
+    return cli_main(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.eval import images_to_uint8
 from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.reference import fixed_subset, stack_items
@@ -171,8 +172,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    with one_line_errors():  # a missing or broken checkpoint is one line, not a traceback
+        run(cfg)
+
+
+def main() -> None:
+    """Console entry point (user errors: one ``error: ...`` line, exit status 2)."""
+    cli_main(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -16,22 +16,31 @@ below receives plain values (``_convert_: all``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
+from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.eval import FeatureStats
+from tarflow.lit.callbacks.sampler_config import parse_sampler
+from tarflow.lit.callbacks.sampling import SamplingCallback
+from tarflow.lit.checkpoint_io import AtomicCheckpointIO
+from tarflow.lit.safe_logging import guard_loggers
 from tarflow.lit.wandb_utils import finish_wandb
-from tarflow.model import TarFlow
+from tarflow.model import Guidance, TarFlow, TarFlowConfig
 from tarflow.sampling import build_schedule, sample
 
 log = logging.getLogger(__name__)
@@ -52,23 +61,38 @@ def _instantiate_dict(group: DictConfig | None, what: str) -> list[Any]:
     return objects
 
 
-def build(cfg: DictConfig, extra_callbacks: list[Callback] | None = None) -> dict[str, Any]:
+def build(
+    cfg: DictConfig,
+    extra_callbacks: list[Callback] | None = None,
+    *,
+    datamodule: L.LightningDataModule | None = None,
+) -> dict[str, Any]:
     """Instantiate datamodule, module, callbacks, loggers and trainer from a composed config.
+
+    Every logger is guarded (:mod:`tarflow.lit.safe_logging`: a failing logging call warns and
+    training goes on), and checkpoints are written atomically
+    (:class:`~tarflow.lit.checkpoint_io.AtomicCheckpointIO`) unless the trainer config brings
+    its own ``CheckpointIO`` plugin.
 
     Args:
         cfg: the composed ``train`` config.
         extra_callbacks: appended after the configured ones (tests, notebooks).
+        datamodule: an already built datamodule to use instead of ``cfg.data``.
 
     Returns:
         dict with keys ``datamodule``, ``module``, ``callbacks``, ``loggers``, ``trainer``.
     """
-    datamodule = instantiate(cfg.data, _convert_="all")
+    if datamodule is None:
+        datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
     callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
     callbacks += list(extra_callbacks or [])
-    loggers: list[Logger] = _instantiate_dict(cfg.get("logger"), "logger")
+    loggers: list[Logger] = guard_loggers(_instantiate_dict(cfg.get("logger"), "logger"))
+    plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, _convert_="all"
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="all"
     )
     return dict(
         datamodule=datamodule, module=module, callbacks=callbacks, loggers=loggers, trainer=trainer
@@ -144,10 +168,19 @@ def train(cfg: DictConfig, *, callbacks: list[Callback] | None = None) -> dict[s
         dict: ``metrics`` (final callback metrics as floats), ``last_ckpt`` and ``best_ckpt``
         (paths or None), ``output_dir``, ``samples`` (grid PNG path or None) and ``trainer``.
     """
-    if cfg.get("seed") is not None:
-        L.seed_everything(int(cfg.seed), workers=True)
+    check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    parts = build(cfg, callbacks)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    # Read the data now: a wrong root or unusable files fail here, before a W&B run or the
+    # Trainer starts. Lightning's own setup("fit") call then finds the datasets built. The
+    # datasets draw from their own seeded generators, so this does not shift the global RNG.
+    datamodule.setup("fit")
+    if cfg.get("seed") is not None:
+        # Logged through our logger: Lightning's own line would go to stderr, where a start-up
+        # error must stand alone.
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        log.info("seed set to %d", int(cfg.seed))
+    parts = build(cfg, callbacks, datamodule=datamodule)
     trainer: L.Trainer = parts["trainer"]
     module, loggers = parts["module"], parts["loggers"]
     try:
@@ -228,16 +261,130 @@ def _final_samples(
     return path
 
 
+# ----------------------------------------------------------------------------- start-up checks
+# Values of ckpt_path that Lightning resolves itself instead of reading a file.
+_LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def check_config(cfg: DictConfig) -> TarFlowConfig:
+    """Refuse settings that cannot work before any data is read or any run is started.
+
+    Without this, a schedule naming block 7 of a 4-block model or guidance on an unconditional
+    model would only fail at the first validation round, after an epoch of training. Each
+    problem raises one ``ValueError`` / ``FileNotFoundError`` naming the config key, which
+    ``tarflow-train`` prints as one line.
+
+    Returns:
+        The model's :class:`TarFlowConfig`.
+    """
+    model = _model_config(cfg)
+    sampling = _sampling_callback_node(cfg)
+    if sampling is not None:
+        _check_sampler(_plain(sampling.get("sampler")), model, guidance_must_work=True)
+        _check_fid_stats(sampling.get("fid_stats_path"), cfg.data)
+    if (cfg.get("final_samples") or {}).get("enabled", False):
+        # The final grid drops guidance that cannot act (write_sample_grid), so only the
+        # schedule and the knobs' ranges are checked for it.
+        _check_sampler(_plain(cfg.get("sampler")), model, guidance_must_work=False)
+    _check_ckpt_path(cfg.get("ckpt_path"))
+    return model
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _model_config(cfg: DictConfig) -> TarFlowConfig:
+    node = cfg.module.model if "module" in cfg and "model" in cfg.module else cfg.model
+    fields = _plain(node)
+    known = {f.name for f in dataclasses.fields(TarFlowConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown model field(s) {unknown}; TarFlowConfig has {sorted(known)}")
+    return TarFlowConfig(**fields)  # raises a ValueError naming e.g. img_size and patch_size
+
+
+def _sampling_callback_node(cfg: DictConfig) -> DictConfig | None:
+    """The configured SamplingCallback node (or a subclass's), if the run has one."""
+    for node in (cfg.get("callbacks") or {}).values():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            try:
+                cls = get_class(str(node._target_))
+            except Exception:  # an unimportable target fails later with its own message
+                continue
+            if isinstance(cls, type) and issubclass(cls, SamplingCallback):
+                return node
+    return None
+
+
+def _check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_work: bool) -> None:
+    sampler = dict(sampler or {})
+    tol = float(sampler.get("tol") or 0.0)
+    if not tol >= 0:  # also NaN; the sequential schedule would otherwise ignore it silently
+        raise ValueError(f"sampler.tol={tol} must be >= 0 (0 = run to the exact fixed point)")
+    try:
+        settings = parse_sampler(sampler)
+        if not settings.is_auto:
+            settings.schedule.validate(model.num_blocks, model.num_patches)
+        knobs = settings.knobs
+        guidance = Guidance(knobs["guidance"], knobs["attn_temp"], knobs["annealed"])
+        if guidance_must_work:
+            guidance.check(model.conditional)
+    except ValueError as err:
+        raise ValueError(f"sampler: {err} (model {model.tag}, N={model.num_patches} tokens, "
+                         f"conditional={model.conditional})") from None
+
+
+def _check_fid_stats(path: str | None, data: DictConfig) -> None:
+    """Cached FID statistics of another resolution would be overwritten mid-run: refuse them."""
+    if not path or not Path(path).is_file():
+        return
+    try:
+        meta = FeatureStats.load(path).meta
+    except Exception:  # unreadable caches are recomputed by the callback, with a warning
+        return
+    want = {"img_size": int(data.img_size), "channels": int(data.channels)}
+    wrong = [f"{k}={meta[k]} (this run: {v})" for k, v in want.items()
+             if k in meta and int(meta[k]) != v]
+    if wrong:
+        raise ValueError(f"FID statistics {path} were computed for {', '.join(wrong)}; delete "
+                         f"the file or set callbacks.sampling.fid_stats_path to statistics of "
+                         f"this resolution")
+
+
+def _check_ckpt_path(ckpt: Any) -> None:
+    if ckpt is None or str(ckpt) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt):
+        return
+    path = Path(str(ckpt)).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"ckpt_path {path} {what}; resume with "
+                                f"ckpt_path=<run dir>/checkpoints/last.ckpt")
+    # torch.save writes a zip archive; a truncated one has no central directory at its end.
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"ckpt_path {path} is not a readable checkpoint (truncated, or not "
+                         f"written by torch.save)")
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Console entry point; returns ``val/nll`` so Hydra sweepers can optimise it."""
-    result = train(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    with one_line_errors():  # inside the job, so Hydra prints no "Error executing job" line
+        result = train(cfg)
     print(f"run dir: {result['output_dir']}")
     print(f"last checkpoint: {result['last_ckpt']}")
     for key in ("val/bpd", "val/nll", "train/loss"):
         if key in result["metrics"]:
             print(f"{key}: {result['metrics'][key]:.4f}")
     return result["metrics"].get(cfg.get("optimized_metric", "val/nll"))
+
+
+def main() -> float | None:
+    """Console entry point; returns ``val/nll`` so Hydra sweepers can optimise it.
+
+    Configuration, data and checkpoint errors print one ``error: ...`` line and exit with
+    status 2 (``TARFLOW_DEBUG=1`` shows the traceback).
+    """
+    return cli_main(_hydra_main)
 
 
 if __name__ == "__main__":

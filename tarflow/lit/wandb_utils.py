@@ -11,9 +11,10 @@ three decisions need code:
   directory continues the same W&B run (``resume="allow"``). When resuming from a checkpoint
   stored at ``<run dir>/checkpoints/*.ckpt`` the id comes from that ``<run dir>``, wherever the
   new run writes.
-* When W&B cannot start (no package, bad settings, a crashed service) training goes on with a
-  :class:`~lightning.pytorch.loggers.CSVLogger` under ``<save_dir>/wandb_fallback`` and a
-  warning.
+* When an online run cannot start (no network, W&B down, a rejected key) the same run is started
+  offline instead, with one warning. When W&B cannot start at all (no package, bad settings, a
+  crashed service) training goes on with a :class:`~lightning.pytorch.loggers.CSVLogger` under
+  ``<save_dir>/wandb_fallback`` and a warning.
 """
 
 from __future__ import annotations
@@ -118,45 +119,76 @@ def wandb_logger(
         **kwargs: more ``wandb.init`` arguments.
     """
     Path(save_dir).mkdir(parents=True, exist_ok=True)
+    # A bad `offline` value is a configuration mistake: raise it rather than fall back.
+    is_offline = resolve_offline(offline)
+    if os.environ.get("WANDB_MODE", "").lower() == "disabled":
+        # WandbLogger(offline=True) would rewrite WANDB_MODE to "dryrun" and log after all.
+        is_offline, kwargs = False, {**kwargs, "mode": "disabled"}
+        start_online = False
+    else:
+        start_online = not is_offline
+    init = dict(
+        name=name,
+        save_dir=save_dir,
+        project=project,
+        entity=entity,
+        id=id or run_id_for(checkpoint_run_dir(resume_from) or save_dir),
+        resume=resume,
+        group=group or None,
+        tags=list(tags or []),
+        **kwargs,
+    )
     try:
-        from lightning.pytorch.loggers import WandbLogger
-
-        is_offline = resolve_offline(offline)
-        if os.environ.get("WANDB_MODE", "").lower() == "disabled":
-            # WandbLogger(offline=True) would rewrite WANDB_MODE to "dryrun" and log after all.
-            is_offline, kwargs = False, {**kwargs, "mode": "disabled"}
-        run_id = id or run_id_for(checkpoint_run_dir(resume_from) or save_dir)
-        logger = WandbLogger(
-            name=name,
-            save_dir=save_dir,
-            project=project,
-            entity=entity,
-            offline=is_offline,
-            id=run_id,
-            resume=resume,
-            group=group or None,
-            tags=list(tags or []),
-            log_model=log_model and not is_offline,
-            **kwargs,
-        )
-        if start:
-            _ = logger.experiment  # only rank zero starts a run; other ranks get a dummy
-        return logger
+        return _start_wandb(init, offline=is_offline, log_model=log_model, start=start)
     except Exception as err:  # any W&B failure; training must not die for a logger
-        if not fallback:
-            raise
+        failure = err
+    if start_online:
+        # Online start failed (no network, W&B down, a rejected key): the same run can still be
+        # written offline and uploaded later, which keeps the dashboards complete.
         warnings.warn(
-            f"W&B logger failed to start ({type(err).__name__}: {err}); "
-            f"falling back to CSV logging in {save_dir}/wandb_fallback",
+            f"W&B could not start online ({type(failure).__name__}: {failure}); logging "
+            f"offline instead. Upload later with `wandb sync {save_dir}/wandb/offline-run-*`.",
             stacklevel=2,
         )
-        # Its own folder: the csv logger group writes <save_dir>/csv/version_<k> beside it.
-        return CSVLogger(save_dir=save_dir, name="wandb_fallback")
+        try:
+            return _start_wandb(init, offline=True, log_model=False, start=start)
+        except Exception as err:
+            failure = err
+    if not fallback:
+        raise failure
+    warnings.warn(
+        f"W&B logger failed to start ({type(failure).__name__}: {failure}); "
+        f"falling back to CSV logging in {save_dir}/wandb_fallback",
+        stacklevel=2,
+    )
+    # Its own folder: the csv logger group writes <save_dir>/csv/version_<k> beside it.
+    return CSVLogger(save_dir=save_dir, name="wandb_fallback")
+
+
+def _start_wandb(init: dict[str, Any], *, offline: bool, log_model: bool, start: bool) -> Logger:
+    """Build a ``WandbLogger`` and, if ``start``, start its run (rank zero only)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    logger = WandbLogger(offline=offline, log_model=log_model and not offline, **init)
+    if start:
+        _ = logger.experiment  # only rank zero starts a run; other ranks get a dummy
+    return logger
 
 
 def finish_wandb(loggers: list[Logger]) -> None:
-    """Close any W&B run so a later run in the same process starts fresh (not reused)."""
+    """Close any W&B run so a later run in the same process starts fresh (not reused).
+
+    A failure to close (a crashed W&B service) only warns: the training it logged is done.
+    """
     for logger in loggers:
         run = getattr(logger, "_experiment", None)
-        if run is not None and hasattr(run, "finish"):
+        if run is None or not hasattr(run, "finish"):
+            continue
+        try:
             run.finish()
+        except Exception as err:
+            warnings.warn(
+                f"W&B run could not be closed cleanly ({type(err).__name__}: {err}); its "
+                f"offline files may need `wandb sync`",
+                stacklevel=2,
+            )

@@ -169,8 +169,8 @@ def test_freezing_feeds_fewer_tokens_at_a_tolerance(monkeypatch):
         for block in model.blocks:
             original = type(block).predict
 
-            def counting(xp, *args, _orig=original, _block=block, **kw):
-                counts.append(xp.shape[1])
+            def counting(xp, *args, _orig=original, _block=block, _counts=counts, **kw):
+                _counts.append(xp.shape[1])
                 return _orig(_block, xp, *args, **kw)
 
             monkeypatch.setattr(block, "predict", counting)
