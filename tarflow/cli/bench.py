@@ -10,7 +10,13 @@ import torch
 
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
 from tarflow.eval.bench import benchmark, format_table
-from tarflow.sampling import SamplingSchedule, build_schedule, rank_blocks, schedule_from_ranking
+from tarflow.sampling import (
+    SamplingSchedule,
+    build_schedule,
+    rank_blocks,
+    sample,
+    schedule_from_ranking,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true")
     p.add_argument("--check-every", type=int, default=1)
+    p.add_argument("--denoise", type=float, default=0.0, help="self-denoising multiplier for the "
+                   "FID samples (one backward pass, the same for every method: not timed)")
+    p.add_argument("--fid", type=int, default=0, metavar="N", help="also FID@N of every method "
+                   "on the same N per-sample-seeded noises and labels (not timed)")
+    p.add_argument("--fid-stats", help="reference statistics (.npz from the sampling callback, "
+                   "tarflow-eval or scripts/prepare_fid_stats.py)")
+    p.add_argument("--fid-batch", type=int, default=50)
+    p.add_argument("--inception-weights", help="local Inception weights file (default: torch "
+                   "hub's checkpoints dir, see tarflow-fid-weights)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p
@@ -59,6 +74,43 @@ def resolve_methods(args, model) -> tuple[dict[str, SamplingSchedule], str]:
     return methods, note
 
 
+def fid_per_method(args, model, methods: dict[str, SamplingSchedule]) -> dict[str, float]:
+    """FID@N of each method (and sequential) on identical per-sample-seeded noise and labels."""
+    from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
+
+    if not args.fid_stats:
+        fail("--fid needs --fid-stats (reference statistics of the data)")
+    try:
+        reference = FeatureStats.load(args.fid_stats, expect={"img_size": model.config.img_size})
+        extractor = InceptionFeatures(args.inception_weights)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    cfg = model.config
+    dtype = getattr(torch, args.dtype)
+    noise, labels = [], []
+    for i in range(args.fid):  # member i depends on its own seed only
+        g = torch.Generator(device=args.device).manual_seed(args.seed + i)
+        noise.append(model.sample_noise(1, generator=g, dtype=dtype))
+        if cfg.conditional:
+            labels.append(torch.randint(0, cfg.num_classes, (1,), generator=g,
+                                        device=args.device))
+    noise = torch.cat(noise)
+    labels = torch.cat(labels) if labels else None
+    mu_r, sigma_r = reference.mean_cov()
+    out = {}
+    for name, schedule in {"sequential": SamplingSchedule.sequential(), **methods}.items():
+        stats = FeatureStats()
+        for s in range(0, args.fid, args.fid_batch):
+            y = None if labels is None else labels[s:s + args.fid_batch]
+            images, _ = sample(model, noise[s:s + args.fid_batch], y, schedule,
+                               guidance=args.guidance, attn_temp=args.attn_temp,
+                               annealed=args.annealed, denoise=args.denoise)
+            stats.update(extractor(images.float().clamp(-1, 1)))
+        mu, sigma = stats.mean_cov()
+        out[name] = frechet_distance(mu, sigma, mu_r, sigma_r)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -83,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
                          annealed=args.annealed, check_every=args.check_every)
         print(format_table(rows))
         all_rows += rows
+    if args.fid:
+        fids = fid_per_method(args, model, methods)
+        for r in all_rows:
+            r.fid = fids[r.method]
+        print(f"FID@{args.fid} (same noise and labels for every method, denoise "
+              f"{args.denoise}, reference {args.fid_stats}):")
+        for name, value in fids.items():
+            print(f"  {name}: {value:.3f} ({100 * (value / fids['sequential'] - 1):+.2f}% vs "
+                  f"sequential)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "rows": [r.to_dict() for r in all_rows]}, f,

@@ -82,7 +82,8 @@ class Attention(nn.Module):
         self.num_heads = channels // head_dim
 
     def forward(self, h: torch.Tensor, *, layer: int = 0, cache: KVCache | None = None,
-                start: int = 0, q_scale: torch.Tensor | None = None) -> torch.Tensor:
+                start: int = 0, q_scale: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attend causally.
 
         Args:
@@ -94,6 +95,8 @@ class Attention(nn.Module):
             q_scale: optional (B, 1, 1, 1) factor on the queries; 1/attn_temp per sample, which is
                 how the guidance branch divides its attention logits by a temperature while sharing
                 one batched call with the conditional branch.
+            mask: (L, start + L) bool causal mask for a chunk after ``start`` (a slice of the
+                block's mask, so no per-call allocation); built here if missing.
 
         Returns:
             (B, L, Ch) the attention output (before the residual add).
@@ -115,7 +118,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             # Query j sits at absolute position start + j and may see slots <= start + j.
-            mask = torch.ones(L, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
+            if mask is None:
+                mask = torch.ones(L, end, dtype=torch.bool, device=h.device).tril(diagonal=start)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, L, C)  # (B, L, heads * head_dim)
         return self.proj(out)

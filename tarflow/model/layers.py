@@ -33,6 +33,8 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(channels, expansion)
 
     def forward(self, h: torch.Tensor, *, layer: int = 0, cache: KVCache | None = None,
-                start: int = 0, q_scale: torch.Tensor | None = None) -> torch.Tensor:
-        h = h + self.attention(h, layer=layer, cache=cache, start=start, q_scale=q_scale)
+                start: int = 0, q_scale: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = h + self.attention(h, layer=layer, cache=cache, start=start, q_scale=q_scale,
+                               mask=mask)
         return h + self.mlp(h)
