@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true")
     p.add_argument("--check-every", type=int, default=1)
+    p.add_argument("--concat-baseline", action="store_true", help="also time the sequential loop "
+                   "with a torch.cat-grown KV cache, as in the reference code")
     p.add_argument("--denoise", type=float, default=0.0, help="self-denoising multiplier for the "
                    "FID samples (one backward pass, the same for every method: not timed)")
     p.add_argument("--fid", type=int, default=0, metavar="N", help="also FID@N of every method "
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
              if cfg.conditional else None)
         rows = benchmark(model, noise, y, methods, repeats=args.repeats, warmup=args.warmup,
                          guidance=args.guidance, attn_temp=args.attn_temp,
-                         annealed=args.annealed, check_every=args.check_every)
+                         annealed=args.annealed, check_every=args.check_every,
+                         concat_baseline=args.concat_baseline)
         print(format_table(rows))
         all_rows += rows
     if args.fid:

@@ -83,6 +83,7 @@ def benchmark(
     *,
     repeats: int = 5,
     warmup: int = 1,
+    concat_baseline: bool = False,
     progress: Callable[[str], None] | None = None,
     **knobs,
 ) -> list[BenchRow]:
@@ -90,6 +91,8 @@ def benchmark(
 
     Args:
         methods: name -> schedule; "sequential" is added first if missing (it is the reference).
+        concat_baseline: also time the sequential loop with the reference code's ``torch.cat``
+            cache (row "sequential_cat"; its speed-up < 1 is how much faster our loop is).
         knobs: guidance, attn_temp, annealed, denoise, check_every (passed to ``sample``).
 
     Returns:
@@ -133,6 +136,19 @@ def benchmark(
                 ),
             )
         )
+    if concat_baseline:
+        from tarflow.eval.baseline import sample_sequential_concat
+
+        g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed") if k in knobs}
+        secs, images = median_time(lambda: sample_sequential_concat(model, noise, y, **g),
+                                   repeats=repeats, warmup=warmup, device=device)
+        diff = images.double() - ref
+        rows.insert(1, BenchRow(
+            method="sequential_cat", schedule="sequential, torch.cat cache", batch=B,
+            seconds=secs, seconds_per_image=secs / B, speedup=t_seq / secs,
+            vs_forward=secs / t_fwd, max_abs_err=float(diff.abs().max()),
+            rel_err=float(diff.norm() / ref.norm().clamp_min(1e-30)),
+            iters=rows[0].iters))
     return rows
 
 
