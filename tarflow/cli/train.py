@@ -12,6 +12,12 @@ Examples::
 :func:`train` is the testable core (it takes a composed DictConfig); :func:`main` is the thin
 ``@hydra.main`` wrapper. This is ring 3: the only place where a DictConfig is seen; everything
 below receives plain values (``_convert_: all``).
+
+Before anything starts, :func:`check_config` refuses settings that cannot work and the data is
+read; such errors print as one ``error: ...`` line with exit status 2 (:mod:`tarflow.cli.errors`,
+``TARFLOW_DEBUG=1`` for the traceback). During the run, failing logger calls only warn
+(:mod:`tarflow.lit.safe_logging`) and checkpoints are replaced atomically
+(:mod:`tarflow.lit.checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -167,6 +173,11 @@ def train(cfg: DictConfig, *, callbacks: list[Callback] | None = None) -> dict[s
     Returns:
         dict: ``metrics`` (final callback metrics as floats), ``last_ckpt`` and ``best_ckpt``
         (paths or None), ``output_dir``, ``samples`` (grid PNG path or None) and ``trainer``.
+
+    Raises:
+        ValueError, FileNotFoundError: settings that cannot work (:func:`check_config`) or
+            unusable data, before a logger or the Trainer starts.
+        FloatingPointError: a non-finite training loss (no checkpoint is written after it).
     """
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -331,8 +342,10 @@ def _check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_
         if guidance_must_work:
             guidance.check(model.conditional)
     except ValueError as err:
-        raise ValueError(f"sampler: {err} (model {model.tag}, N={model.num_patches} tokens, "
-                         f"conditional={model.conditional})") from None
+        raise ValueError(
+            f"sampler: {err} (model {model.tag}, N={model.num_patches} tokens, "
+            f"conditional={model.conditional})"
+        ) from None
 
 
 def _check_fid_stats(path: str | None, data: DictConfig) -> None:
@@ -344,12 +357,15 @@ def _check_fid_stats(path: str | None, data: DictConfig) -> None:
     except Exception:  # unreadable caches are recomputed by the callback, with a warning
         return
     want = {"img_size": int(data.img_size), "channels": int(data.channels)}
-    wrong = [f"{k}={meta[k]} (this run: {v})" for k, v in want.items()
-             if k in meta and int(meta[k]) != v]
+    wrong = [
+        f"{k}={meta[k]} (this run: {v})" for k, v in want.items() if k in meta and int(meta[k]) != v
+    ]
     if wrong:
-        raise ValueError(f"FID statistics {path} were computed for {', '.join(wrong)}; delete "
-                         f"the file or set callbacks.sampling.fid_stats_path to statistics of "
-                         f"this resolution")
+        raise ValueError(
+            f"FID statistics {path} were computed for {', '.join(wrong)}; delete "
+            f"the file or set callbacks.sampling.fid_stats_path to statistics of "
+            f"this resolution"
+        )
 
 
 def _check_ckpt_path(ckpt: Any) -> None:
@@ -358,16 +374,20 @@ def _check_ckpt_path(ckpt: Any) -> None:
     path = Path(str(ckpt)).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"ckpt_path {path} {what}; resume with "
-                                f"ckpt_path=<run dir>/checkpoints/last.ckpt")
+        raise FileNotFoundError(
+            f"ckpt_path {path} {what}; resume with ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     # torch.save writes a zip archive; a truncated one has no central directory at its end.
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"ckpt_path {path} is not a readable checkpoint (truncated, or not "
-                         f"written by torch.save)")
+        raise ValueError(
+            f"ckpt_path {path} is not a readable checkpoint (truncated, or not "
+            f"written by torch.save)"
+        )
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    """The Hydra task; returns ``val/nll`` (or ``optimized_metric``) for sweepers."""
     with one_line_errors():  # inside the job, so Hydra prints no "Error executing job" line
         result = train(cfg)
     print(f"run dir: {result['output_dir']}")
@@ -379,7 +399,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> float | None:
-    """Console entry point; returns ``val/nll`` so Hydra sweepers can optimise it.
+    """Console entry point (``tarflow-train``); reads the overrides from ``sys.argv``.
 
     Configuration, data and checkpoint errors print one ``error: ...`` line and exit with
     status 2 (``TARFLOW_DEBUG=1`` shows the traceback).

@@ -150,6 +150,7 @@ def wandb_logger(
             f"offline instead. Upload later with `wandb sync {save_dir}/wandb/offline-run-*`.",
             stacklevel=2,
         )
+        _reset_wandb()
         try:
             return _start_wandb(init, offline=True, log_model=False, start=start)
         except Exception as err:
@@ -169,10 +170,25 @@ def _start_wandb(init: dict[str, Any], *, offline: bool, log_model: bool, start:
     """Build a ``WandbLogger`` and, if ``start``, start its run (rank zero only)."""
     from lightning.pytorch.loggers import WandbLogger
 
+    if offline:
+        # Explicit: once a W&B session exists in this process it ignores WANDB_MODE, which is
+        # how WandbLogger(offline=True) asks for offline mode.
+        init = {**init, "mode": "offline"}
     logger = WandbLogger(offline=offline, log_model=log_model and not offline, **init)
     if start:
         _ = logger.experiment  # only rank zero starts a run; other ranks get a dummy
     return logger
+
+
+def _reset_wandb() -> None:
+    """Forget a failed online start: W&B's service keeps the half-created run (its id then
+    counts as "in use"), so it is shut down and the offline retry starts a fresh one."""
+    try:
+        import wandb
+
+        wandb.teardown()
+    except Exception:  # nothing to reset, or the service is already gone
+        pass
 
 
 def finish_wandb(loggers: list[Logger]) -> None:

@@ -32,7 +32,6 @@ class FlowBlock(nn.Module):
     proj_out (ALGORITHMS.md §1)."""
 
     attn_mask: torch.Tensor
-    causal: torch.Tensor
 
     def __init__(self, config: TarFlowConfig, index: int) -> None:
         super().__init__()
@@ -58,8 +57,9 @@ class FlowBlock(nn.Module):
         # Kept for state-dict compatibility with the official checkpoints; SDPA's causal flag
         # is what actually masks.
         self.register_buffer("attn_mask", torch.tril(torch.ones(N, N)))
-        # Boolean copy for slicing per call; not persistent, so the state-dict layout is unchanged.
-        self.register_buffer("causal", torch.ones(N, N, dtype=torch.bool).tril(), persistent=False)
+        # Boolean copy for slicing per call. A plain attribute, not a buffer: buffers are
+        # averaged by EMA (no lerp for bool) and would change what .to()/state_dict see.
+        self._causal = torch.ones(N, N, dtype=torch.bool).tril()
 
     # ----------------------------------------------------------------------------- helpers
     def class_bias(self, y: torch.Tensor | None) -> torch.Tensor | float:
@@ -104,7 +104,9 @@ class FlowBlock(nn.Module):
         h = self.proj_in(xp) + pos + cond  # (B, L, Ch)
         mask = None
         if cache is not None and L > 1 and start > 0:
-            mask = self.causal[start:start + L, :start + L]  # (L, start + L) causal rows
+            if self._causal.device != xp.device:
+                self._causal = self._causal.to(xp.device)
+            mask = self._causal[start:start + L, :start + L]  # (L, start + L) causal rows
         for layer, block in enumerate(self.attn_blocks):
             h = block(h, layer=layer, cache=cache, start=start, q_scale=q_scale, mask=mask)
         return self.proj_out(h)

@@ -120,3 +120,11 @@ def test_presets_in_paper_form():
 def test_bad_config_fails_clearly(bad, match):
     with pytest.raises(ValueError, match=match):
         TarFlowConfig(**bad)
+
+
+def test_all_buffers_are_floating_point():
+    # EMA averages buffers with lerp, which exists only for floating-point tensors; a bool or
+    # int buffer would break every training run with EMA on.
+    model = TarFlow(preset("tiny", num_classes=3))
+    assert all(b.is_floating_point() for b in model.buffers())
+    assert set(dict(model.named_buffers())) == {"var", "blocks.0.attn_mask", "blocks.1.attn_mask"}

@@ -1,0 +1,155 @@
+"""One-line errors for the Hydra console scripts (tarflow-train, tarflow-sample, tarflow-eval).
+
+A wrong path, a config value that cannot work or a broken checkpoint is the user's to fix, so it is
+reported as a single ``error: <message>`` line on stderr with exit status 2, not as an 80-line
+Hydra/instantiate traceback. Programming errors (anything else) keep their traceback. Setting
+``TARFLOW_DEBUG=1`` (or Hydra's own ``HYDRA_FULL_ERROR=1``) shows the full traceback for every
+error.
+
+Two places need the conversion, because Hydra reports errors itself in both:
+
+* :func:`cli_main` runs the ``@hydra.main`` function; it sees what fails before the task starts
+  (an unknown ``experiment=`` name, a bad override). Hydra would print those in several lines and
+  exit 1, so it is asked to re-raise them (``HYDRA_FULL_ERROR`` for the duration of the call).
+* :func:`one_line_errors` goes around the task's body; Hydra would otherwise print
+  ``Error executing job with overrides: [...]`` before re-raising. In ``--multirun`` mode it stays
+  out of the way, so one failing job is reported by Hydra and does not end the sweep at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import NoReturn, TypeVar
+
+from hydra.errors import HydraException, InstantiationException
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+DEBUG_ENV = "TARFLOW_DEBUG"
+EXIT_USAGE = 2  # the status argparse uses for a bad command line
+# Errors a user causes and fixes: config values (ValueError covers DataError and
+# CheckpointError), paths, and Hydra / OmegaConf composition errors.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    HydraException,
+    OmegaConfBaseException,
+)
+# Marks HYDRA_FULL_ERROR as set by cli_main, so processes started meanwhile (plain-ddp ranks
+# re-run the command with this environment) do not read it as the user asking for tracebacks.
+_OURS = "_TARFLOW_SET_HYDRA_FULL_ERROR"
+
+
+def debug_requested() -> bool:
+    """True when the user asked for full tracebacks."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    return os.environ.get("HYDRA_FULL_ERROR") == "1" and os.environ.get(_OURS) != "1"
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The exception inside Hydra's ``InstantiationException`` wrappers (only those: our own
+    errors chained with ``raise ... from`` carry the clearer message themselves)."""
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def one_line(text: str) -> str:
+    """Join a multi-line message into one line.
+
+    A line ending in ":" introduces a list (Hydra's "Available options in 'experiment':"); its
+    items are joined with commas, other lines with "; ".
+    """
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    out, in_list = lines[0], lines[0].endswith(":")
+    for line in lines[1:]:
+        if out.endswith((":", ".")):
+            out += " " + line
+        elif in_list:
+            out += ", " + line
+        else:
+            out += "; " + line
+        in_list = in_list or line.endswith(":")
+    return out
+
+
+def describe(err: BaseException) -> str:
+    """The one-line message for ``err`` (without the ``error:`` prefix)."""
+    cause = root_cause(err)
+    # Hydra appends its config search path to composition errors: noise for the user.
+    text = str(cause).split("\nConfig search path:", 1)[0]
+    if "Original Traceback" in text:
+        # Raised in a DataLoader worker: torch puts the worker's whole traceback in the message;
+        # its last line is the original "Type: message".
+        text = text.strip().splitlines()[-1]
+    elif not isinstance(cause, USER_ERRORS):
+        # Found inside an InstantiationException: the type name helps (e.g. the TypeError of a
+        # misspelt config key reaching a constructor).
+        text = f"{type(cause).__name__}: {text}"
+    where = ""
+    if cause is not err and isinstance(err, InstantiationException):
+        # Hydra's message ends with "full_key: <node>": name the config node that failed.
+        key = str(err).rsplit("full_key:", 1)
+        where = f" (config: {key[1].strip()})" if len(key) == 2 else ""
+    return one_line(text) + where
+
+
+def fail(message: str) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with status 2."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USAGE)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Turn a user error raised inside the block into ``error: ...`` and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as err:
+        if debug_requested() or _in_multirun():
+            raise
+        fail(describe(err))
+
+
+def cli_main(hydra_main: Callable[[], T]) -> T:
+    """Run a ``@hydra.main`` function as a console script, with one-line user errors.
+
+    Args:
+        hydra_main: the decorated function; it reads ``sys.argv`` itself.
+
+    Returns:
+        Whatever the task returned (Hydra sweepers read it).
+    """
+    debug = debug_requested()
+    saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _OURS)}
+    if os.environ.get("HYDRA_FULL_ERROR") != "1":
+        # Hydra re-raises instead of printing its own report; in debug mode that gives the
+        # complete traceback rather than Hydra's shortened one.
+        os.environ.update({"HYDRA_FULL_ERROR": "1", _OURS: "1"})
+    try:
+        if debug:
+            return hydra_main()
+        with one_line_errors():
+            return hydra_main()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
