@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
+from tarflow.cli.errors import fail
 from tarflow.model import CheckpointError, TarFlow, preset
 
 
@@ -30,12 +30,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", help="dataset root for imagenet/afhq")
     parser.add_argument("--probe", type=int, default=256, help="images in the probe batch "
                         "(the paper uses ~1000)")
-
-
-def fail(message: str) -> None:
-    """One clear line on stderr and exit 2, instead of a traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def load_model(args: argparse.Namespace) -> TarFlow:
