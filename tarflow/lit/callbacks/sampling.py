@@ -335,8 +335,10 @@ class SamplingCallback(Callback):
         if ds is None:
             raise ValueError(f"FID needs reference images, but the trainer has no "
                              f"{self.reference_split!r} dataset (set reference_split)")
-        rank_zero_info(f"FID reference statistics: {self.fid_stats_path} (computed and cached on "
-                       f"first use from {self.reference_size} {self.reference_split} images)")
+        cached = Path(self.fid_stats_path).is_file()
+        rank_zero_info(f"FID reference statistics: {self.fid_stats_path} ("
+                       + ("cached" if cached else f"computing from {self.reference_size} "
+                          f"{self.reference_split} images, then cached") + ")")
         return reference_stats(self.fid_stats_path, ds, extractor, split=self.reference_split,
                                count=self.reference_size, seed=self.reference_seed,
                                batch_size=self.fid_batch_size, device=device)
