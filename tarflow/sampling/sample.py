@@ -87,8 +87,8 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
             x = block.reverse(x, y, guidance=g)
             n = cfg.num_patches - 1
             st = BlockStats(block.index, cfg.num_patches, iters=[n],
-                            sample_iters=torch.full((x.shape[0],), n),
-                            residual=torch.zeros(x.shape[0]))
+                            sample_iters=torch.full((x.shape[0],), n, device=x.device),
+                            residual=torch.zeros(x.shape[0], device=x.device))
         else:
             x, st = gs_jacobi_block(block, x, y, settings, guidance=g,
                                     check_every=check_every, callback=callback)
