@@ -166,6 +166,6 @@ class FlowBlock(nn.Module):
         for i in range(N - 1):
             token = guidance.expand(xp[:, i:i + 1])  # (B', 1, D)
             out = self.predict(token, cond=cond, start=i, cache=cache, q_scale=q_scale)
-            a, b = guidance.combine(out[..., :D], out[..., D:], positions[i:i + 1], N)
-            xp[:, i + 1] = zp[:, i + 1] * exp32(a[:, 0]) + b[:, 0]
+            out = guidance.combine(out, positions[i:i + 1], N)[:, 0]  # (B, 2D)
+            xp[:, i + 1] = torch.addcmul(out[:, D:], zp[:, i + 1], exp32(out[:, :D]))
         return permute(xp, self.flipped)

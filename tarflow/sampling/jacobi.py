@@ -67,29 +67,22 @@ def relative_residual(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     At least float32 because a bf16 difference of nearly equal iterates is meaningless; float64
     iterates keep float64 so that tol = 0 means an exact fixed point in the working precision.
     """
-    return _residual(new, old, new)
+    return _position_change(new - old, new).mean(1)
 
 
-def _residual(new: torch.Tensor, old: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-    """Relative residual of a segment of which only the tail ``new``/``old`` changed.
+def _position_change(delta: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """(B, L') per-position mean squared change over D, relative to the segment's mean square.
+
+    Their sum over the segment's L positions, divided by L, is the segment's relative residual;
+    one pass gives both the stopping test and the freezing test.
 
     Args:
-        new, old: (B, L', D) the updated tail before and after the step.
+        delta: (B, L', D) the change of the updated tail of the segment (new - old).
         segment: (B, L, D) the whole segment after the step (L >= L').
     """
-    dtype = torch.promote_types(new.dtype, torch.float32)
-    diff = (new.to(dtype) - old.to(dtype)).pow(2).flatten(1).sum(1) / segment[0].numel()
-    scale = segment.to(dtype).pow(2).flatten(1).mean(1).clamp_min(1e-30)
-    return (diff / scale).float()
-
-
-def _position_change(new: torch.Tensor, old: torch.Tensor, segment: torch.Tensor
-                     ) -> torch.Tensor:
-    """(B, L') per-position mean squared change over D, relative to the segment's mean square:
-    the terms whose mean over the segment is the residual."""
-    dtype = torch.promote_types(new.dtype, torch.float32)
-    diff = (new.to(dtype) - old.to(dtype)).pow(2).mean(-1)  # (B, L')
-    return diff / segment.to(dtype).pow(2).flatten(1).mean(1, keepdim=True).clamp_min(1e-30)
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    scale = segment.to(dtype).square().flatten(1).mean(1, keepdim=True).clamp_min(1e-30)
+    return delta.to(dtype).square().mean(-1) / scale
 
 
 def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
@@ -161,30 +154,36 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             # attending to the cached K/V of everything before them.
             out = block.predict(guidance.expand(seg_x[:, front:-1]), cond=cond,
                                 start=p - 1 + front, cache=work, q_scale=qs)  # (Ba', L-f, 2D)
-            a, b = guidance.combine(out[..., :D], out[..., D:], positions[front:], N)
-            new = seg_z[:, front:] * exp32(a) + b  # (Ba, L - front, D)
-            test = k == cap - 1 or (k + 1) % check_every == 0
-            old = seg_x[:, front + 1:].clone() if test or callback else None
-            seg_x[:, front + 1:] = new
-            # Residual over the whole segment: frozen positions contribute no change.
-            res = _residual(new, old, seg_x[:, 1:]) if old is not None else None
+            out = guidance.combine(out, positions[front:], N)  # (Ba, L - front, 2D)
+            new = torch.addcmul(out[..., D:], seg_z[:, front:], exp32(out[..., :D]))
+            # Test on schedule, and always on the step that completes the segment.
+            test = k == cap - 1 or (k + 1) % check_every == 0 or front + 1 >= L
+            tail = seg_x[:, front + 1:]  # (Ba, L - front, D) a view: the positions updated
+            delta = new - tail if test or callback else None
+            tail.copy_(new)
             ran = k + 1
+            # Relative residual over the whole segment (frozen positions contribute no change):
+            # the mean over its L positions of the per-position changes, which also drive
+            # freezing. A non-finite iterate makes the residual non-finite.
+            change = _position_change(delta, seg_x[:, 1:]) if delta is not None else None
+            res = change.sum(1) / L if change is not None else None  # (Ba,) >= float32
             # Advance the frontier. One position always: after k + 1 iterations the first k + 1
             # are final (the system is triangular). With ``freeze``, also every further leading
             # position whose change is within tol for all active samples (exact at tol = 0: an
             # unchanged prefix is a fixed point, hence the solution).
             step = 1
-            if schedule.freeze and old is not None:
-                change = _position_change(new, old, seg_x[:, 1:])  # (Ba, L - front)
-                step = max(1, int((change <= schedule.tol).all(0).int().cumprod(0).sum()))
+            if schedule.freeze and change is not None:
+                ok = change.amax(0) <= schedule.tol  # (L - front,)
+                step = max(1, int(ok.int().cumprod(0).sum()))
             front = min(front + step, L)
             last = k == cap - 1 or front == L
             if callback is not None:
                 callback({"block": block.index, "segment": seg, "iteration": k + 1,
-                          "residual": res, "active": rows.numel()})
+                          "residual": None if res is None else res.float(),
+                          "active": rows.numel()})
             if not (test or last):  # a fully frozen segment is done whatever check_every says
                 continue
-            finite = torch.isfinite(new).flatten(1).all(1)
+            finite = torch.isfinite(res)
             done = (res <= schedule.tol) | ~finite
             if last or bool(done.any()):
                 # Retire converged (and broken) samples: results and cache rows go back.
@@ -192,7 +191,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                 gone = rows[leave]
                 xp[gone, p:e] = seg_x[leave, 1:]
                 stats.sample_iters[gone] += ran
-                stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave])
+                stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave].float())
                 if not bool(finite.all()):
                     healthy[rows[~finite]] = False
                 if work is not cache:
