@@ -9,14 +9,14 @@ import platform
 import torch
 
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
-from tarflow.eval.bench import benchmark, format_table
+from tarflow.eval.bench import Method, benchmark, format_table
 from tarflow.sampling import (
     SamplingSchedule,
     build_schedule,
     rank_blocks,
-    sample,
     schedule_from_ranking,
 )
+from tarflow.sampling.precision import parse_dtype
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         "warm-up, errors against the sequential loop on the same noise, one table per batch.",
         epilog="methods: 'sequential', 'jacobi' (to --tol), 'jacobi:J' (J iterations per block), "
         "'auto' (schedule from the CRM/IGM ranking), or the paper's notation such as "
-        "'[3-8-32-10]'. Example: tarflow-bench last.ckpt --data demo --batch 1 4 16")
+        "'[3-8-32-10]'; a suffix '@bf16' runs that method's Jacobi iterations with a bfloat16 "
+        "network (iterates and stopping test keep --dtype). "
+        "Example: tarflow-bench last.ckpt --data demo --batch 1 4 16 --methods jacobi jacobi@bf16")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--methods", nargs="+", default=["jacobi", "auto"])
@@ -57,26 +59,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_methods(args, model) -> tuple[dict[str, SamplingSchedule], str]:
     methods, note = {}, ""
-    for m in args.methods:
+    ranking = None
+    for spec in args.methods:
+        m, _, dtype = spec.partition("@")
+        try:
+            dtype = str(parse_dtype(dtype)).removeprefix("torch.") if dtype else None
+        except ValueError as err:
+            fail(f"method {spec!r}: {err}")
+        suffix = f"@{dtype}" if dtype else ""
         if m == "sequential":
             continue  # always run first as the reference
         if m == "auto":
-            images, where = probe_images(args, model)
-            ranking = rank_blocks(model, images)
-            methods["gs_jacobi_auto"] = schedule_from_ranking(
-                ranking, model.config.num_patches, tol=args.tol)
-            note = f"auto schedule ranked on {where}"
+            if ranking is None:
+                images, where = probe_images(args, model)
+                ranking = rank_blocks(model, images)
+                note = f"auto schedule ranked on {where}"
+            methods["gs_jacobi_auto" + suffix] = Method(schedule_from_ranking(
+                ranking, model.config.num_patches, tol=args.tol), dtype)
             continue
         try:
             schedule = build_schedule(m, init=args.init, tol=args.tol)
         except ValueError as err:
             fail(str(err))
         name = "jacobi" if m.startswith("jacobi") else "gs_jacobi"
-        methods[m if name == "gs_jacobi" or ":" in m else name] = schedule
+        methods[(m if name == "gs_jacobi" or ":" in m else name) + suffix] = Method(schedule,
+                                                                                   dtype)
     return methods, note
 
 
-def fid_per_method(args, model, methods: dict[str, SamplingSchedule]) -> dict[str, float]:
+def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
     """FID@N of each method (and sequential) on identical per-sample-seeded noise and labels."""
     from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
 
@@ -100,13 +111,13 @@ def fid_per_method(args, model, methods: dict[str, SamplingSchedule]) -> dict[st
     labels = torch.cat(labels) if labels else None
     mu_r, sigma_r = reference.mean_cov()
     out = {}
-    for name, schedule in {"sequential": SamplingSchedule.sequential(), **methods}.items():
+    for name, method in {"sequential": Method(SamplingSchedule.sequential()), **methods}.items():
         stats = FeatureStats()
         for s in range(0, args.fid, args.fid_batch):
             y = None if labels is None else labels[s:s + args.fid_batch]
-            images, _ = sample(model, noise[s:s + args.fid_batch], y, schedule,
-                               guidance=args.guidance, attn_temp=args.attn_temp,
-                               annealed=args.annealed, denoise=args.denoise)
+            images, _ = method.run(model, noise[s:s + args.fid_batch], y,
+                                   guidance=args.guidance, attn_temp=args.attn_temp,
+                                   annealed=args.annealed, denoise=args.denoise)
             stats.update(extractor(images.float().clamp(-1, 1)))
         mu, sigma = stats.mean_cov()
         out[name] = frechet_distance(mu, sigma, mu_r, sigma_r)

@@ -18,6 +18,21 @@ from tarflow.model import TarFlow
 from tarflow.sampling import SamplingSchedule, sample
 
 
+@dataclass(frozen=True)
+class Method:
+    """A sampler to time: a schedule, and optionally a low-precision network for its Jacobi
+    iterations (``sample(..., net_dtype=...)``)."""
+
+    schedule: SamplingSchedule
+    net_dtype: str | None = None
+
+    def describe(self) -> str:
+        return self.schedule.describe() + (f" @{self.net_dtype}" if self.net_dtype else "")
+
+    def run(self, model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None, **knobs):
+        return sample(model, noise, y, self.schedule, net_dtype=self.net_dtype, **knobs)
+
+
 @dataclass
 class BenchRow:
     """One method's result at one batch size."""
@@ -94,7 +109,7 @@ def benchmark(
     model: TarFlow,
     noise: torch.Tensor,
     y: torch.Tensor | None,
-    methods: dict[str, SamplingSchedule],
+    methods: dict[str, SamplingSchedule | Method],
     *,
     repeats: int = 5,
     warmup: int = 1,
@@ -105,7 +120,8 @@ def benchmark(
     """Time the sequential loop and every method on the same inputs.
 
     Args:
-        methods: name -> schedule; "sequential" is added first if missing (it is the reference).
+        methods: name -> schedule or :class:`Method`; "sequential" is added first if missing (it
+            is the reference).
         concat_baseline: also time the sequential loop with the reference code's ``torch.cat``
             cache (row "sequential_cat"; its speed-up < 1 is how much faster our loop is).
         knobs: guidance, attn_temp, annealed, denoise, check_every (passed to ``sample``).
@@ -115,18 +131,19 @@ def benchmark(
     """
     device = noise.device
     B = noise.shape[0]
-    methods = {"sequential": SamplingSchedule.sequential(), **methods}
+    methods = {name: m if isinstance(m, Method) else Method(m)
+               for name, m in {"sequential": SamplingSchedule.sequential(), **methods}.items()}
     t_fwd, _ = median_time(
         lambda: model(model.unpatchify(noise), y), repeats=repeats, warmup=warmup, device=device
     )
     rows: list[BenchRow] = []
     ref = None
     t_seq = None
-    for name, schedule in methods.items():
+    for name, method in methods.items():
         if progress:
-            progress(f"batch {B}: {name} ({schedule.describe()})")
+            progress(f"batch {B}: {name} ({method.describe()})")
         secs, (images, stats) = median_time(
-            lambda s=schedule: sample(model, noise, y, s, **knobs),
+            lambda m=method: m.run(model, noise, y, **knobs),
             repeats=repeats,
             warmup=warmup,
             device=device,
@@ -137,7 +154,7 @@ def benchmark(
         rows.append(
             BenchRow(
                 method=name,
-                schedule=schedule.describe(),
+                schedule=method.describe(),
                 batch=B,
                 seconds=secs,
                 seconds_per_image=secs / B,
@@ -146,9 +163,8 @@ def benchmark(
                 max_abs_err=float(diff.abs().max()),
                 rel_err=float(diff.norm() / ref.norm().clamp_min(1e-30)),
                 iters=stats.iters,
-                peak_mem_mb=peak_memory_mb(
-                    lambda s=schedule: sample(model, noise, y, s, **knobs), device
-                ),
+                peak_mem_mb=peak_memory_mb(lambda m=method: m.run(model, noise, y, **knobs),
+                                           device),
             )
         )
     if concat_baseline:

@@ -93,8 +93,8 @@ def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
 @torch.no_grad()
 def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                     schedule: BlockSchedule, *, guidance: Guidance = Guidance(),
-                    check_every: int = 1, callback: TraceFn | None = None
-                    ) -> tuple[torch.Tensor, BlockStats]:
+                    check_every: int = 1, callback: TraceFn | None = None,
+                    net: FlowBlock | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Invert one block by GS-Jacobi.
 
     Args:
@@ -106,6 +106,8 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
         check_every: test convergence every k iterations (each test syncs with the host).
         callback: called after every iteration with {"block", "segment", "iteration",
             "residual" (per active sample, float32), "active"}.
+        net: a copy of ``block`` in a lower precision (``precision.network_copy``) that runs
+            the iterations' network passes; iterates, update and stopping test keep z's dtype.
 
     Returns:
         x (B, N, D) raster order, and the block's stats.
@@ -118,9 +120,11 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
     else:  # [z_0, 0, ..., 0]
         xp = torch.zeros_like(zp)
         xp[:, 0] = zp[:, 0]
-    cond_all = block.class_bias(guidance.labels(y, B, z.device))  # (B', 1, Ch) or scalar
-    qs_all = guidance.q_scale(B, z.device, z.dtype)
-    cache = block.new_cache(B * (2 if guided else 1), dtype=z.dtype, device=z.device)
+    net = block if net is None else net
+    net_dtype = next(net.parameters()).dtype
+    cond_all = net.class_bias(guidance.labels(y, B, z.device))  # (B', 1, Ch) or scalar
+    qs_all = guidance.q_scale(B, z.device, net_dtype)
+    cache = net.new_cache(B * (2 if guided else 1), dtype=net_dtype, device=z.device)
     edges = schedule.boundaries(N)
     stats = BlockStats(block.index, len(edges) - 1,
                        sample_iters=torch.zeros(B, dtype=torch.long, device=z.device),
@@ -142,9 +146,9 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             break
         full = rows.numel() == B
         work = cache if full else cache.select(_net_rows(rows, B, guided), end=p - 1)
-        net = _net_rows(rows, B, guided)
-        cond = cond_all if full else pick(cond_all, net)
-        qs = qs_all if full or qs_all is None else qs_all[net]
+        nrows = _net_rows(rows, B, guided)
+        cond = cond_all if full else pick(cond_all, nrows)
+        qs = qs_all if full or qs_all is None else qs_all[nrows]
         seg_x = xp[rows, p - 1:e].clone()  # (Ba, L + 1, D): fed tokens plus the last position
         seg_z = zp[rows, p:e]  # (Ba, L, D)
         ran = 0
@@ -152,8 +156,9 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
         for k in range(cap):
             # Jacobi step on the segment's unfrozen part: tokens [p - 1 + front, e - 1) are fed,
             # attending to the cached K/V of everything before them.
-            out = block.predict(guidance.expand(seg_x[:, front:-1]), cond=cond,
-                                start=p - 1 + front, cache=work, q_scale=qs)  # (Ba', L-f, 2D)
+            fed = guidance.expand(seg_x[:, front:-1]).to(net_dtype)
+            out = net.predict(fed, cond=cond, start=p - 1 + front, cache=work,
+                              q_scale=qs).to(z.dtype)  # (Ba', L - front, 2D)
             out = guidance.combine(out, positions[front:], N)  # (Ba, L - front, 2D)
             new = torch.addcmul(out[..., D:], seg_z[:, front:], exp32(out[..., :D]))
             # Test on schedule, and always on the step that completes the segment.
@@ -207,9 +212,9 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                                                   guided))
                 rows = rows[stay]
                 seg_x, seg_z = seg_x[stay], seg_z[stay]
-                net = _net_rows(rows, B, guided)
-                cond = pick(cond_all, net)
-                qs = None if qs_all is None else qs_all[net]
+                nrows = _net_rows(rows, B, guided)
+                cond = pick(cond_all, nrows)
+                qs = None if qs_all is None else qs_all[nrows]
         stats.iters.append(ran)
 
     x = permute(xp, block.flipped)

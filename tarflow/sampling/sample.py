@@ -14,6 +14,7 @@ import torch
 from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.denoise import self_denoise
 from tarflow.sampling.jacobi import BlockStats, TraceFn, gs_jacobi_block
+from tarflow.sampling.precision import network_copy, parse_dtype
 from tarflow.sampling.schedule import SamplingSchedule
 
 
@@ -49,7 +50,8 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
            schedule: SamplingSchedule | None = None, *, guidance: float = 0.0,
            attn_temp: float = 1.0, annealed: bool = False, denoise: float = 0.0,
            noise_std: float | None = None, check_every: int = 1,
-           callback: TraceFn | None = None) -> tuple[torch.Tensor, SampleStats]:
+           callback: TraceFn | None = None,
+           net_dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, SampleStats]:
     """Noise -> images.
 
     Args:
@@ -63,6 +65,9 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
         denoise: self-denoising multiplier (0 = off); needs ``noise_std`` or the config's.
         check_every: convergence test every k Jacobi iterations.
         callback: per-iteration trace (see ``gs_jacobi_block``).
+        net_dtype: run the network of Jacobi / GS-Jacobi iterations in this dtype (e.g.
+            "bfloat16"; a cached converted copy of the model) while iterates, updates and the
+            stopping test stay in the noise dtype. Sequential blocks keep full precision.
 
     Returns:
         images (B, C, H, W) and :class:`SampleStats`.
@@ -76,7 +81,12 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     if noise.shape[1:] != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must be (B, {cfg.num_patches}, {cfg.token_dim}) for "
                          f"{cfg.tag}, got {tuple(noise.shape)}")
-    stats = SampleStats(schedule=schedule.describe())
+    net_dtype = parse_dtype(net_dtype)
+    nets = None
+    if net_dtype is not None and net_dtype != noise.dtype:
+        nets = network_copy(model, net_dtype).blocks
+    stats = SampleStats(schedule=schedule.describe()
+                        + (f" net={str(net_dtype).removeprefix('torch.')}" if nets else ""))
     _sync(noise.device)
     t_all = time.perf_counter()
     x = noise
@@ -91,7 +101,8 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
                             residual=torch.zeros(x.shape[0], device=x.device))
         else:
             x, st = gs_jacobi_block(block, x, y, settings, guidance=g,
-                                    check_every=check_every, callback=callback)
+                                    check_every=check_every, callback=callback,
+                                    net=None if nets is None else nets[block.index])
         _sync(noise.device)
         st.seconds = time.perf_counter() - t0
         stats.blocks[block.index] = st
