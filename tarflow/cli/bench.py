@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+from dataclasses import replace
 
 import torch
 
@@ -17,6 +18,7 @@ from tarflow.sampling import (
     schedule_from_ranking,
 )
 from tarflow.sampling.precision import parse_dtype
+from tarflow.sampling.tune import tune_segments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time samplers side by side in one process: medians over repeats after "
         "warm-up, errors against the sequential loop on the same noise, one table per batch.",
         epilog="methods: 'sequential', 'jacobi' (to --tol), 'jacobi:J' (J iterations per block), "
-        "'auto' (schedule from the CRM/IGM ranking), or the paper's notation such as "
+        "'auto' (schedule from the CRM/IGM ranking), 'auto:tuned' (the same with the tough "
+        "blocks' segment count timed on this device and batch), or the paper's notation such as "
         "'[3-8-32-10]'; a suffix '@bf16' runs that method's Jacobi iterations with a bfloat16 "
         "network (iterates and stopping test keep --dtype). "
         "Example: tarflow-bench last.ckpt --data demo --batch 1 4 16 --methods jacobi jacobi@bf16")
@@ -69,13 +72,14 @@ def resolve_methods(args, model) -> tuple[dict[str, SamplingSchedule], str]:
         suffix = f"@{dtype}" if dtype else ""
         if m == "sequential":
             continue  # always run first as the reference
-        if m == "auto":
+        if m in ("auto", "auto:tuned"):
             if ranking is None:
                 images, where = probe_images(args, model)
                 ranking = rank_blocks(model, images)
                 note = f"auto schedule ranked on {where}"
-            methods["gs_jacobi_auto" + suffix] = Method(schedule_from_ranking(
-                ranking, model.config.num_patches, tol=args.tol), dtype)
+            methods[m.replace(":", "_").replace("auto", "gs_jacobi_auto") + suffix] = Method(
+                schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol), dtype,
+                tune=m == "auto:tuned")
             continue
         try:
             schedule = build_schedule(m, init=args.init, tol=args.tol)
@@ -85,6 +89,26 @@ def resolve_methods(args, model) -> tuple[dict[str, SamplingSchedule], str]:
         methods[(m if name == "gs_jacobi" or ":" in m else name) + suffix] = Method(schedule,
                                                                                    dtype)
     return methods, note
+
+
+def tune_methods(model, methods: dict[str, Method], batch: int, seed: int, knobs: dict
+                 ) -> dict[str, Method]:
+    """Methods marked ``tune``, with segments timed on a batch of this size (other noise)."""
+    out = {}
+    for name, m in methods.items():
+        if not m.tune:
+            continue
+        g = torch.Generator(device=model.var.device).manual_seed(seed)
+        noise = model.sample_noise(batch, generator=g, dtype=model.var.dtype)
+        y = (torch.randint(0, model.config.num_classes, (batch,), generator=g,
+                           device=model.var.device) if model.config.conditional else None)
+        schedule, timings = tune_segments(model, m.schedule, noise, y, net_dtype=m.net_dtype,
+                                          **knobs)
+        print(f"{name} at batch {batch}: segments of the tough block(s) timed "
+              + ", ".join(f"S={S}: {t * 1e3:.1f} ms" for S, t in timings.items())
+              + f" -> {schedule.describe()}")
+        out[name] = replace(m, schedule=schedule)
+    return out
 
 
 def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
@@ -138,19 +162,24 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note)
     all_rows = []
+    fid_methods = methods
     for B in args.batch:
         g = torch.Generator(device=args.device).manual_seed(args.seed)
         noise = model.sample_noise(B, generator=g, dtype=getattr(torch, args.dtype))
         y = (torch.randint(0, cfg.num_classes, (B,), generator=g, device=args.device)
              if cfg.conditional else None)
-        rows = benchmark(model, noise, y, methods, repeats=args.repeats, warmup=args.warmup,
-                         guidance=args.guidance, attn_temp=args.attn_temp,
-                         annealed=args.annealed, check_every=args.check_every,
-                         concat_baseline=args.concat_baseline)
+        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
+                     check_every=args.check_every)
+        tuned = tune_methods(model, methods, B, args.seed + 1, knobs)
+        methods_b = {**methods, **tuned}
+        if B == args.batch[0]:
+            fid_methods = methods_b  # FID uses the schedules tuned for the first batch size
+        rows = benchmark(model, noise, y, methods_b, repeats=args.repeats, warmup=args.warmup,
+                         concat_baseline=args.concat_baseline, **knobs)
         print(format_table(rows))
         all_rows += rows
     if args.fid:
-        fids = fid_per_method(args, model, methods)
+        fids = fid_per_method(args, model, fid_methods)
         for r in all_rows:
             # The torch.cat loop produces the sequential loop's images bit for bit.
             r.fid = fids["sequential" if r.method == "sequential_cat" else r.method]

@@ -25,6 +25,7 @@ class Method:
 
     schedule: SamplingSchedule
     net_dtype: str | None = None
+    tune: bool = False  # choose the tough blocks' segment count by timing (tune_segments)
 
     def describe(self) -> str:
         return self.schedule.describe() + (f" @{self.net_dtype}" if self.net_dtype else "")

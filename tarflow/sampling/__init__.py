@@ -25,6 +25,7 @@ from tarflow.sampling.schedule import (
     format_schedule,
     parse_schedule,
 )
+from tarflow.sampling.tune import tune_segments
 
 __all__ = [
     "SEQUENTIAL",
@@ -48,4 +49,5 @@ __all__ = [
     "sample_sequential",
     "schedule_from_ranking",
     "self_denoise",
+    "tune_segments",
 ]
