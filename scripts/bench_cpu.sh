@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The CPU benchmark behind docs/benchmarks.md: the demo model, batch 1/4/16, sequential vs
 # Jacobi vs GS-Jacobi (automatic and hand schedules) at the quality-equal and the exact
-# operating point, FID@N of every method on the same noise. Run on an otherwise idle machine.
+# operating point, FID@N of every method on the same noise; '@bf16' rows run the Jacobi
+# iterations' network in bfloat16 (iterates and stopping test in float32). Run on an otherwise
+# idle machine.
 #
 #   scripts/bench_cpu.sh outputs/demo/<stamp>/checkpoints/last.ckpt [out_dir]
 #
@@ -18,7 +20,8 @@ common=(--threads "${THREADS:-2}" --data demo --batch 1 4 16 --guidance 1.0 --de
         --fid "$N" --fid-stats "$STATS")
 # Quality-equal point: tolerance 3e-3 (FID@N within 1% of sequential, see the FID lines).
 tarflow-bench "$CKPT" "${common[@]}" --tol 3e-3 --concat-baseline \
-  --methods jacobi auto "[3-2-32-64]" "[3-4-16-64]" --json "$OUT/quality.json" | tee "$OUT/quality.md"
+  --methods jacobi jacobi@bf16 auto auto:tuned auto:tuned@bf16 "[3-2-32-64]" "[3-4-16-64]" \
+  --json "$OUT/quality.json" | tee "$OUT/quality.md"
 # Exact point: tolerance 1e-7 (relative error <= 1e-4 vs sequential).
 tarflow-bench "$CKPT" "${common[@]}" --tol 1e-7 \
-  --methods jacobi auto "[3-2-32-64]" --json "$OUT/exact.json" | tee "$OUT/exact.md"
+  --methods jacobi auto auto:tuned "[3-2-32-64]" --json "$OUT/exact.json" | tee "$OUT/exact.md"

@@ -93,16 +93,31 @@ def median_time(
     return statistics.median(times), out
 
 
-def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak allocated GPU memory of one call, or None on CPU (no allocator statistics there)."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    _sync(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory of one call above what was allocated before it, in MiB.
+
+    CUDA: the caching allocator's peak statistics. CPU: PyTorch keeps no allocator statistics
+    there, so the call runs under ``torch.profiler`` with memory profiling and the peak is taken
+    over the running sum of every op's net allocation (op granularity: a temporary allocated and
+    freed inside one kernel is not seen). Run outside timed regions (the profiler is slow).
+    """
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events())
+    live = peak = 0
+    for _, d in deltas:
+        live += d
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 @torch.no_grad()
@@ -134,54 +149,70 @@ def benchmark(
     B = noise.shape[0]
     methods = {name: m if isinstance(m, Method) else Method(m)
                for name, m in {"sequential": SamplingSchedule.sequential(), **methods}.items()}
-    t_fwd, _ = median_time(
-        lambda: model(model.unpatchify(noise), y), repeats=repeats, warmup=warmup, device=device
-    )
-    rows: list[BenchRow] = []
-    ref = None
-    t_seq = None
+    calls: dict[str, Callable[[], object]] = {
+        "forward": lambda: model(model.unpatchify(noise), y)}
     for name, method in methods.items():
-        if progress:
-            progress(f"batch {B}: {name} ({method.describe()})")
-        secs, (images, stats) = median_time(
-            lambda m=method: m.run(model, noise, y, **knobs),
-            repeats=repeats,
-            warmup=warmup,
-            device=device,
-        )
-        if ref is None:
-            ref, t_seq = images.double(), secs
-        diff = images.double() - ref
-        rows.append(
-            BenchRow(
-                method=name,
-                schedule=method.describe(),
-                batch=B,
-                seconds=secs,
-                seconds_per_image=secs / B,
-                speedup=t_seq / secs,
-                vs_forward=secs / t_fwd,
-                max_abs_err=float(diff.abs().max()),
-                rel_err=float(diff.norm() / ref.norm().clamp_min(1e-30)),
-                iters=stats.iters,
-                peak_mem_mb=peak_memory_mb(lambda m=method: m.run(model, noise, y, **knobs),
-                                           device),
-            )
-        )
+        calls[name] = lambda m=method: m.run(model, noise, y, **knobs)[0]
     if concat_baseline:
         from tarflow.eval.baseline import sample_sequential_concat
 
         g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed") if k in knobs}
-        secs, images = median_time(lambda: sample_sequential_concat(model, noise, y, **g),
-                                   repeats=repeats, warmup=warmup, device=device)
-        diff = images.double() - ref
-        rows.insert(1, BenchRow(
-            method="sequential_cat", schedule="sequential, torch.cat cache", batch=B,
-            seconds=secs, seconds_per_image=secs / B, speedup=t_seq / secs,
-            vs_forward=secs / t_fwd, max_abs_err=float(diff.abs().max()),
+        calls["sequential_cat"] = lambda: sample_sequential_concat(model, noise, y, **g)
+    if progress:
+        progress(f"batch {B}: timing {', '.join(calls)} in {repeats} interleaved rounds")
+    secs, images = interleaved_medians(calls, repeats=repeats, warmup=warmup, device=device)
+    ref = images["sequential"].double()
+    t_seq, t_fwd = secs["sequential"], secs["forward"]
+    rows: list[BenchRow] = []
+    for name in [n for n in calls if n != "forward"]:
+        method = methods.get(name)
+        stats = method.run(model, noise, y, **knobs)[1] if method else None
+        diff = images[name].double() - ref
+        rows.append(BenchRow(
+            method=name,
+            schedule=method.describe() if method else "sequential, torch.cat cache",
+            batch=B, seconds=secs[name], seconds_per_image=secs[name] / B,
+            speedup=t_seq / secs[name], vs_forward=secs[name] / t_fwd,
+            max_abs_err=float(diff.abs().max()),
             rel_err=float(diff.norm() / ref.norm().clamp_min(1e-30)),
-            iters=rows[0].iters))
+            iters=stats.iters if stats else rows[0].iters,
+            peak_mem_mb=peak_memory_mb(calls[name], device)))
+    if concat_baseline:  # show it next to the loop it is the baseline of
+        rows.insert(1, rows.pop())
     return rows
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], *, repeats: int, warmup: int,
+                        device: torch.device) -> tuple[dict[str, float], dict[str, object]]:
+    """Median seconds of each call, timed round-robin: one call of each per round.
+
+    Round-robin rather than all repeats of one method then the next, so that a slow phase of
+    the machine (other tenants of a VM, frequency changes) hits every method alike; between
+    processes and phases the same call varied by up to 30% on the 2-core VM.
+
+    Returns:
+        ({name: median seconds}, {name: last result}).
+    """
+    last: dict[str, object] = {}
+    for _ in range(warmup):
+        for name, fn in calls.items():
+            last[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()  # back-to-back calls, as in median_time
+    try:
+        for _ in range(repeats):
+            for name, fn in calls.items():
+                _sync(device)
+                t0 = time.perf_counter()
+                last[name] = fn()
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {name: statistics.median(t) for name, t in times.items()}, last
 
 
 def format_table(rows: list[BenchRow]) -> str:
