@@ -73,3 +73,13 @@ def test_tune_segments_keeps_the_fastest_count_for_the_segmented_blocks_only():
     assert tuned.default == schedule.default
     plain = SamplingSchedule.jacobi(tol=1e-8)
     assert tune_segments(model, plain, z, y[:2]) == (plain, {})
+
+
+def test_sampler_config_net_dtype_is_validated_and_kept_as_a_string():
+    from tarflow.lit.callbacks.sampler_config import parse_sampler
+
+    assert parse_sampler({"schedule": "jacobi", "net_dtype": "bf16"}).knobs["net_dtype"] == \
+        "bfloat16"
+    assert parse_sampler({"schedule": "jacobi"}).knobs["net_dtype"] is None
+    with pytest.raises(ValueError, match="unknown net_dtype"):
+        parse_sampler({"schedule": "jacobi", "net_dtype": "bf61"})

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tarflow.sampling import BlockRank, SamplingSchedule, build_schedule, schedule_from_ranking
+from tarflow.sampling.precision import parse_dtype
 
 AUTO = "auto"
 # Keys of the `auto` sub-dict, i.e. keyword arguments of schedule_from_ranking besides tol.
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
-KNOB_KEYS = ("guidance", "attn_temp", "annealed", "denoise", "check_every")
+KNOB_KEYS = ("guidance", "attn_temp", "annealed", "denoise", "check_every", "net_dtype")
 KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", *KNOB_KEYS))
 
 
@@ -33,7 +34,7 @@ class SamplerSettings:
         schedule: a ready :class:`SamplingSchedule`, or ``"auto"`` when it must come from a
             ranking (see :meth:`resolve`).
         knobs: keyword arguments for :func:`tarflow.sampling.sample` (guidance, attn_temp,
-            annealed, denoise, check_every).
+            annealed, denoise, check_every, net_dtype).
         tol: Jacobi stopping tolerance (also used by the automatic schedule).
         init: default initial guess.
         auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``).
@@ -106,6 +107,14 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         "annealed": bool(cfg.get("annealed", False)),
         "denoise": float(cfg.get("denoise") or 0.0),
         "check_every": int(cfg.get("check_every") or 1),
+        "net_dtype": _dtype_name(cfg.get("net_dtype")),
     }
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg)
+
+
+def _dtype_name(value: Any) -> str | None:
+    """Validate ``net_dtype`` now (a typo fails at start-up, not at the first validation) and
+    keep it as a plain string so the knobs stay YAML/JSON-serialisable."""
+    dtype = parse_dtype(value)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
