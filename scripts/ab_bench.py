@@ -72,21 +72,32 @@ def main(argv: list[str] | None = None) -> None:
                                           "warmup", "threads", "seed")}
     spec["checkpoint"] = str(Path(args.checkpoint).resolve())
     times: dict[tuple, list[float]] = {}
+    ratios: dict[tuple, list[float]] = {}  # per worker: its sequential median / method median
     last: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {rev: export(rev, Path(tmp)) for rev in args.revs}
         for r in range(args.rounds):
             for rev in args.revs:
                 print(f"round {r + 1}/{args.rounds}: {rev}", file=sys.stderr, flush=True)
-                for res in run_worker(paths[rev], spec)["results"]:
+                results = run_worker(paths[rev], spec)["results"]
+                seq = {res["batch"]: res["median"] for res in results
+                       if res["method"] == "sequential"}
+                for res in results:
                     key = (rev, res["method"], res["batch"])
                     times.setdefault(key, []).extend(res["times"])
+                    if res["batch"] in seq:
+                        ratios.setdefault(key, []).append(seq[res["batch"]] / res["median"])
                     last[key] = res
     base = args.revs[0]
     head = ["method", "batch"] + [f"`{rev}` ms" for rev in args.revs]
-    head += [f"`{rev}` vs `{base}`" for rev in args.revs[1:]] + ["max|Δimage|", "iters"]
+    head += [f"`{rev}` vs `{base}`" for rev in args.revs[1:]]
+    if "sequential" in args.methods:
+        head += [f"`{rev}` speed-up" for rev in args.revs]
+    head += ["max|Δimage|", "iters"]
     print(f"threads {args.threads}, guidance {args.guidance}, tol {args.tol}, "
-          f"{args.rounds} rounds x {args.repeats} repeats, medians\n")
+          f"{args.rounds} rounds x {args.repeats} repeats, medians. 'speed-up' = sequential / "
+          f"method within each worker process (median over rounds): it cancels the "
+          f"process-to-process speed differences of a VM that the raw times keep.\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for method in args.methods:
         for batch in args.batch:
@@ -99,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
                 for rev in args.revs)
             cells = [method, str(batch)] + [f"{med[rev] * 1e3:.1f}" for rev in args.revs]
             cells += [f"{med[base] / med[rev]:.2f}x" for rev in args.revs[1:]]
+            if "sequential" in args.methods:
+                cells += [f"{statistics.median(ratios[(rev, method, batch)]):.2f}x"
+                          for rev in args.revs]
             cells += [f"{diff:.1e}", iters]
             print("| " + " | ".join(cells) + " |")
 

@@ -44,58 +44,51 @@ def _timed(fn) -> float:
 
 
 @torch.no_grad()
-def schedules(presets: list[str], warmup_steps: int) -> None:
-    print("| preset | tag | N | sequential s | schedule | schedule s | speed-up | paper's "
-          "speed-up | per-block s (setting: s) |\n|---|---|---|---|---|---|---|---|---|")
-    for name in presets:
-        cfg = preset(name)
-        torch.manual_seed(0)
-        block = FlowBlock(cfg, 1).eval()
-        torch.nn.init.normal_(block.proj_out.weight, std=0.01)  # not the identity
-        z = torch.randn(1, cfg.num_patches, cfg.token_dim) * cfg.noise_std
-        y = torch.zeros(1, dtype=torch.long) if cfg.conditional else None
-        warm = BlockSchedule(cfg.num_patches // 8, warmup_steps, "z", 0.0)
-        gs_jacobi_block(block, z, y, warm)  # warm-up: allocator, threads, kernels
-        t_seq = _timed(lambda: block.reverse(z, y))
-        spec, paper_speedup = PAPER[name]
-        schedule = parse_schedule(spec, tol=0.0)
-        settings = {schedule.for_block(b) for b in range(cfg.num_blocks)}
-        cost = {}
-        for s in settings:
-            if s.is_sequential(cfg.num_patches):
-                cost[s] = t_seq
-            else:
-                cost[s] = _timed(lambda s=s: gs_jacobi_block(block, z, y, s))
-        total = sum(cost[schedule.for_block(b)] for b in range(cfg.num_blocks))
-        seq_total = t_seq * cfg.num_blocks
-        detail = "; ".join(f"S{s.segments}xJ{s.max_iters}: {c:.1f}" for s, c in cost.items())
-        print(f"| {name} | {cfg.tag} | {cfg.num_patches} | {seq_total:.1f} | `{spec}` | "
-              f"{total:.1f} | {seq_total / total:.2f}x | {paper_speedup:.2f}x | "
-              f"seq: {t_seq:.1f}; {detail} |", flush=True)
+def schedule_row(name: str, warmup_steps: int) -> str:
+    """One table row: sequential vs the paper's schedule on one block of ``name``'s architecture."""
+    cfg = preset(name)
+    torch.manual_seed(0)
+    block = FlowBlock(cfg, 1).eval()
+    torch.nn.init.normal_(block.proj_out.weight, std=0.01)  # not the identity
+    z = torch.randn(1, cfg.num_patches, cfg.token_dim) * cfg.noise_std
+    y = torch.zeros(1, dtype=torch.long) if cfg.conditional else None
+    warm = BlockSchedule(cfg.num_patches // 8, warmup_steps, "z", 0.0)
+    gs_jacobi_block(block, z, y, warm)  # warm-up: allocator, threads, kernels
+    t_seq = _timed(lambda: block.reverse(z, y))
+    spec, paper_speedup = PAPER[name]
+    schedule = parse_schedule(spec, tol=0.0)
+    cost = {}
+    for s in {schedule.for_block(b) for b in range(cfg.num_blocks)}:
+        if s.is_sequential(cfg.num_patches):
+            cost[s] = t_seq
+        else:
+            cost[s] = _timed(lambda s=s: gs_jacobi_block(block, z, y, s))
+    total = sum(cost[schedule.for_block(b)] for b in range(cfg.num_blocks))
+    seq_total = t_seq * cfg.num_blocks
+    detail = "; ".join(f"S{s.segments}xJ{s.max_iters}: {c:.1f}" for s, c in cost.items())
+    return (f"| {name} | {cfg.tag} | {cfg.num_patches} | {seq_total:.1f} | `{spec}` | "
+            f"{total:.1f} | {seq_total / total:.2f}x | {paper_speedup:.2f}x | "
+            f"seq: {t_seq:.1f}; {detail} |")
 
 
-def train(presets: list[str], batch: int, steps: int) -> None:
-    print(f"| preset | tag | params (M) | batch | s/step | images/s |\n|---|---|---|---|---|---|")
-    for name in presets:
-        cfg = preset(name)
-        torch.manual_seed(0)
-        model = TarFlow(cfg).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randn(batch, cfg.in_channels, cfg.img_size, cfg.img_size)
-        y = torch.randint(0, cfg.num_classes, (batch,)) if cfg.conditional else None
+def train_row(name: str, batch: int, steps: int) -> str:
+    """One table row: median seconds of a full training step of preset ``name``."""
+    cfg = preset(name)
+    torch.manual_seed(0)
+    model = TarFlow(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, cfg.in_channels, cfg.img_size, cfg.img_size)
+    y = torch.randint(0, cfg.num_classes, (batch,)) if cfg.conditional else None
 
-        def step():
-            opt.zero_grad(set_to_none=True)
-            model.nll(x + cfg.noise_std * torch.randn_like(x), y).mean().backward()
-            opt.step()
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model.nll(x + cfg.noise_std * torch.randn_like(x), y).mean().backward()
+        opt.step()
 
-        step()  # warm-up (also allocates the optimizer state)
-        times = [_timed(step) for _ in range(steps)]
-        sec = statistics.median(times)
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"| {name} | {cfg.tag} | {params:.0f} | {batch} | {sec:.2f} | {batch / sec:.2f} |",
-              flush=True)
-        del model, opt
+    step()  # warm-up (also allocates the optimizer state)
+    sec = statistics.median(_timed(step) for _ in range(steps))
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return f"| {name} | {cfg.tag} | {params:.0f} | {batch} | {sec:.2f} | {batch / sec:.2f} |"
 
 
 def main() -> None:
@@ -110,9 +103,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU")
     if args.what == "schedules":
-        schedules(args.presets or list(PAPER), args.warmup_steps)
+        print("| preset | tag | N | sequential s | schedule | schedule s | speed-up | paper's "
+              "speed-up | per-block s (setting: s) |\n|---|---|---|---|---|---|---|---|---|")
+        for name in args.presets or list(PAPER):
+            print(schedule_row(name, args.warmup_steps), flush=True)
     else:
-        train(args.presets or ["demo", *PAPER], args.batch, args.steps)
+        print("| preset | tag | params (M) | batch | s/step | images/s |\n" + "|---" * 6 + "|")
+        for name in args.presets or ["demo", *PAPER]:
+            print(train_row(name, args.batch, args.steps), flush=True)
 
 
 if __name__ == "__main__":
