@@ -130,6 +130,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     probe = OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)
     schedule = resolve_schedule(settings, net, probe)
     n, batch = int(cfg.num_samples), int(cfg.batch_size)
+    if settings.tune_segments:
+        schedule, timings = settings.tune(net, schedule, min(batch, n), seed=int(cfg.seed) + 1)
+        print("segment tuning: " + ", ".join(f"S={S}: {t * 1e3:.1f} ms"
+                                             for S, t in timings.items())
+              + f" -> {schedule.describe()}")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if fmt != "npz":

@@ -270,3 +270,31 @@ def test_configured_callback_in_a_hydra_training_run(tmp_path: Path) -> None:
     assert "val/fid_6" in result["metrics"] and "blocks/crm_share/1" in result["metrics"]
     assert list((tmp_path / "data" / "fid_stats").glob("fake_8px_c1_train8.npz"))
     assert list(Path(result["output_dir"]).rglob("media/samples_grid_*.png"))
+
+
+def test_tune_segments_rounds_sample_with_a_timed_segment_count(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    from tarflow.lit.callbacks.sampler_config import SamplerSettings
+
+    tuned, seen = [], []
+    original = SamplerSettings.tune
+
+    def recording_tune(self, net, schedule, batch_size, **kw):
+        out = original(self, net, schedule, batch_size, **kw)
+        tuned.append(out)
+        return out
+
+    class Spy(SamplingCallback):
+        def _compare(self, net, schedule, shard):
+            seen.append(schedule)
+            return super()._compare(net, schedule, shard)
+
+    monkeypatch.setattr(SamplerSettings, "tune", recording_tune)
+    sampler = {**SAMPLER, "tune_segments": True, "net_dtype": "bfloat16"}
+    cb = tiny_callback(tmp_path, Spy, sampler=sampler, fid_stats_path=None)
+    trainer(tmp_path, [cb], num_sanity_val_steps=0).fit(tiny_module(), tiny_data())
+    assert tuned and seen, "no validation round ran"
+    schedule, timings = tuned[-1]
+    assert set(timings) == {1, 2, 4, 8}  # auto's 4 segments were re-timed
+    assert seen[-1] == schedule  # and the round sampled with the fastest
+    assert {s.segments for s in schedule.blocks.values()} <= {1, min(timings, key=timings.get)}

@@ -83,3 +83,16 @@ def test_sampler_config_net_dtype_is_validated_and_kept_as_a_string():
     assert parse_sampler({"schedule": "jacobi"}).knobs["net_dtype"] is None
     with pytest.raises(ValueError, match="unknown net_dtype"):
         parse_sampler({"schedule": "jacobi", "net_dtype": "bf61"})
+
+
+def test_sampler_config_tune_segments_times_the_tough_blocks():
+    from tarflow.lit.callbacks.sampler_config import parse_sampler
+
+    model = make_model(3, dtype=torch.float32)
+    settings = parse_sampler({"schedule": "[1-4-8-10]", "tol": 1e-4, "tune_segments": True,
+                              "guidance": 1.0})
+    schedule, timings = settings.tune(model, settings.resolve(None, 16), batch_size=2)
+    assert set(timings) == {1, 2, 4, 8}
+    assert schedule.blocks[1].segments == min(timings, key=timings.get)
+    off = parse_sampler({"schedule": "[1-4-8-10]"})
+    assert off.tune(model, off.resolve(None, 16), batch_size=2)[1] == {}

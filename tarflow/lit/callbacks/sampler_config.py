@@ -15,14 +15,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tarflow.lit.callbacks.sample_set import fixed_inputs
+from tarflow.model import TarFlow
 from tarflow.sampling import BlockRank, SamplingSchedule, build_schedule, schedule_from_ranking
 from tarflow.sampling.precision import parse_dtype
+from tarflow.sampling.tune import tune_segments
 
 AUTO = "auto"
 # Keys of the `auto` sub-dict, i.e. keyword arguments of schedule_from_ranking besides tol.
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
 KNOB_KEYS = ("guidance", "attn_temp", "annealed", "denoise", "check_every", "net_dtype")
-KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", *KNOB_KEYS))
+KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "tune_segments", *KNOB_KEYS))
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class SamplerSettings:
         tol: Jacobi stopping tolerance (also used by the automatic schedule).
         init: default initial guess.
         auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``).
+        tune_segments: time 1/2/4/8 segments for the schedule's segmented (tough) blocks at the
+            sampling batch size and keep the fastest (:meth:`tune`); off by default.
     """
 
     name: str
@@ -46,6 +51,7 @@ class SamplerSettings:
     tol: float = 0.0
     init: str = "z"
     auto: dict[str, Any] = field(default_factory=dict)
+    tune_segments: bool = False
 
     @property
     def is_auto(self) -> bool:
@@ -67,6 +73,15 @@ class SamplerSettings:
             raise ValueError(f"sampler {self.name!r} uses schedule 'auto', which needs a CRM/IGM "
                              f"ranking of the model's blocks on real images")
         return schedule_from_ranking(ranking, num_patches, tol=self.tol, **self.auto)
+
+    def tune(self, net: TarFlow, schedule: SamplingSchedule, batch_size: int, *, seed: int = 0
+             ) -> tuple[SamplingSchedule, dict[int, float]]:
+        """``schedule`` with its tough blocks' segment count timed on this device at this batch
+        size (see ``tarflow.sampling.tune``), when ``tune_segments`` is on; else unchanged."""
+        if not self.tune_segments:
+            return schedule, {}
+        noise, y = fixed_inputs(net, range(max(1, batch_size)), seed)
+        return tune_segments(net, schedule, noise, y, **self.knobs)
 
     def sequential_twin(self) -> SamplerSettings:
         """The same knobs with the exact sequential schedule (the reference for speed-ups)."""
@@ -110,7 +125,8 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         "net_dtype": _dtype_name(cfg.get("net_dtype")),
     }
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
-    return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg)
+    return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg,
+                           bool(cfg.get("tune_segments", False)))
 
 
 def _dtype_name(value: Any) -> str | None:

@@ -240,6 +240,15 @@ class SamplingCallback(Callback):
         device = next(net.parameters()).device
         ranking = self._rank(trainer, net)
         schedule = self.settings.resolve(ranking, net.config.num_patches)
+        if self.settings.tune_segments:
+            # Timed on rank 0 only and broadcast: every rank must sample with one schedule.
+            if trainer.is_global_zero:
+                schedule, timings = self.settings.tune(net, schedule, self.batch_size,
+                                                       seed=self.seed)
+                rank_zero_info("segment tuning: " + ", ".join(
+                    f"S={S}: {t * 1e3:.1f} ms" for S, t in timings.items())
+                    + f" -> {schedule.describe()}")
+            schedule = trainer.strategy.broadcast(schedule, src=0)
         extractor = self._extractor(device) if fid_due else None
         if fid_due and trainer.is_global_zero and self._reference is None:
             self._reference = self._load_reference(trainer, extractor, device)
