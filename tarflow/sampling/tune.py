@@ -22,13 +22,8 @@ from dataclasses import replace
 import torch
 
 from tarflow.model import TarFlow
-from tarflow.sampling.sample import sample
+from tarflow.sampling.sample import _sync, sample
 from tarflow.sampling.schedule import SEQUENTIAL, SamplingSchedule
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
