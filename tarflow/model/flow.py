@@ -10,6 +10,8 @@ sequential inverse as the reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -142,7 +144,8 @@ class FlowBlock(nn.Module):
 
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, *,
-                guidance: Guidance = Guidance(), cache: KVCache | None = None) -> torch.Tensor:
+                guidance: Guidance = Guidance(), cache: KVCache | None = None,
+                callback: Callable[[int], None] | None = None) -> torch.Tensor:
         """Exact sequential inverse with a preallocated KV cache: N - 1 single-token steps.
 
         Args:
@@ -150,6 +153,8 @@ class FlowBlock(nn.Module):
             y: (B,) labels or None.
             cache: a fresh cache to use instead of a preallocated one (benchmarks plug in the
                 reference code's growing cache here).
+            callback: called with the step index after every step; it may raise to abandon
+                the loop (the sampling planner stops candidates that run over budget so).
 
         Returns:
             x: (B, N, D) with ``forward(x, y)[0] == z`` up to rounding.
@@ -168,4 +173,6 @@ class FlowBlock(nn.Module):
             out = self.predict(token, cond=cond, start=i, cache=cache, q_scale=q_scale)
             out = guidance.combine(out, positions[i:i + 1], N)[:, 0]  # (B, 2D)
             xp[:, i + 1] = torch.addcmul(out[:, D:], zp[:, i + 1], exp32(out[:, :D]))
+            if callback is not None:
+                callback(i)
         return permute(xp, self.flipped)

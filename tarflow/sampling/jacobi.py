@@ -85,6 +85,27 @@ def _position_change(delta: torch.Tensor, segment: torch.Tensor) -> torch.Tensor
     return delta.to(dtype).square().mean(-1) / scale
 
 
+def convergence_test(delta: torch.Tensor, segment: torch.Tensor, tol: float, freeze: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """One convergence test of a segment, with a single read-back to the host.
+
+    Args:
+        delta: (B, L', D) change of the unfrozen tail; segment: (B, L, D) the segment after it.
+
+    Returns:
+        (residual (B,), done (B,) bool: converged or non-finite, how many further leading
+        positions may freeze (every sample within tol; 0 without ``freeze``), whether any
+        sample is done).
+    """
+    change = _position_change(delta, segment)  # (B, L')
+    res = change.sum(1) / segment.shape[1]  # (B,) relative residual of the whole segment
+    # NaN compares False both ways and inf fails "< inf": both count as done (to be retired).
+    done = ~((res > tol) & (res < float("inf")))
+    lead = (change.amax(0) <= tol).int().cumprod(0).sum() if freeze else done.new_zeros(())
+    lead, any_done = torch.stack([lead.to(torch.long), done.any().to(torch.long)]).tolist()
+    return res, done, lead, bool(any_done)
+
+
 def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     """Network-batch rows of sample rows: the cond rows, then their uncond twins at + B."""
     return torch.cat([rows, rows + batch]) if guided else rows
@@ -93,19 +114,24 @@ def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
 @torch.no_grad()
 def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                     schedule: BlockSchedule, *, guidance: Guidance = Guidance(),
-                    check_every: int = 1, callback: TraceFn | None = None,
+                    callback: TraceFn | None = None,
                     net: FlowBlock | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Invert one block by GS-Jacobi.
+
+    Convergence is tested every ``schedule.check_every`` iterations and on each segment's last
+    one. At ``tol = 0`` only the last iteration is tested: a residual of exactly zero before the
+    cap is too rare to pay for a test (a few small kernels and a host read) every iteration, and
+    the frontier still advances one exact position per iteration without one.
 
     Args:
         block: the flow block.
         z: (B, N, D) the block's output (its sampling input), raster order.
         y: (B,) labels or None.
-        schedule: segments, iteration cap, initial guess and tolerance for this block.
+        schedule: segments, iteration cap, initial guess, tolerance, test interval.
         guidance: CFG / attention-temperature guidance.
-        check_every: test convergence every k iterations (each test syncs with the host).
         callback: called after every iteration with {"block", "segment", "iteration",
-            "residual" (per active sample, float32), "active"}.
+            "residual" (per active sample, float32; None on untested iterations), "active"}.
+            It may raise to abandon the block (the planner stops over-budget candidates so).
         net: a copy of ``block`` in a lower precision (``precision.network_copy``) that runs
             the iterations' network passes; iterates, update and stopping test keep z's dtype.
 
@@ -130,6 +156,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                        sample_iters=torch.zeros(B, dtype=torch.long, device=z.device),
                        residual=torch.zeros(B, dtype=torch.float32, device=z.device))
     healthy = torch.ones(B, dtype=torch.bool, device=z.device)
+    tol, every = schedule.tol, schedule.check_every
 
     def pick(t, rows):
         return t if not isinstance(t, torch.Tensor) or t.dim() == 0 else t[rows]
@@ -161,60 +188,60 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                               q_scale=qs).to(z.dtype)  # (Ba', L - front, 2D)
             out = guidance.combine(out, positions[front:], N)  # (Ba, L - front, 2D)
             new = torch.addcmul(out[..., D:], seg_z[:, front:], exp32(out[..., :D]))
-            # Test on schedule, and always on the step that completes the segment.
-            test = k == cap - 1 or (k + 1) % check_every == 0 or front + 1 >= L
             tail = seg_x[:, front + 1:]  # (Ba, L - front, D) a view: the positions updated
-            delta = new - tail if test or callback else None
-            tail.copy_(new)
             ran = k + 1
-            # Relative residual over the whole segment (frozen positions contribute no change):
-            # the mean over its L positions of the per-position changes, which also drive
-            # freezing. A non-finite iterate makes the residual non-finite.
-            change = _position_change(delta, seg_x[:, 1:]) if delta is not None else None
-            res = change.sum(1) / L if change is not None else None  # (Ba,) >= float32
-            # Advance the frontier. One position always: after k + 1 iterations the first k + 1
-            # are final (the system is triangular). With ``freeze``, also every further leading
-            # position whose change is within tol for all active samples (exact at tol = 0: an
-            # unchanged prefix is a fixed point, hence the solution).
-            step = 1
-            if schedule.freeze and change is not None:
-                ok = change.amax(0) <= schedule.tol  # (L - front,)
-                step = max(1, int(ok.int().cumprod(0).sum()))
-            front = min(front + step, L)
-            last = k == cap - 1 or front == L
-            if callback is not None:
-                callback({"block": block.index, "segment": seg, "iteration": k + 1,
-                          "residual": None if res is None else res.float(),
-                          "active": rows.numel()})
-            if not (test or last):  # a fully frozen segment is done whatever check_every says
+            # After k + 1 iterations the first k + 1 positions are final (the system is
+            # triangular), so the frontier advances by one without any test.
+            last = ran == cap or front + 1 >= L
+            test = last or (tol > 0 and ran % every == 0)
+            if not (test or callback is not None):
+                tail.copy_(new)
+                front += 1
                 continue
+            delta = new - tail
+            tail.copy_(new)
+            if not test:  # traced but untested iteration
+                front += 1
+                callback({"block": block.index, "segment": seg, "iteration": ran,
+                          "residual": None, "active": rows.numel()})
+                continue
+            # Relative residual over the whole segment (frozen positions contribute no change).
+            # With ``freeze``, every further leading position whose change is within tol for
+            # all active samples stops too (exact at tol = 0: an unchanged prefix is a fixed
+            # point, hence the solution).
+            res, done, lead, any_done = convergence_test(delta, seg_x[:, 1:], tol,
+                                                         schedule.freeze)
+            front = min(front + max(1, lead), L)
+            last = last or front == L
+            if callback is not None:
+                callback({"block": block.index, "segment": seg, "iteration": ran,
+                          "residual": res.float(), "active": rows.numel()})
+            if not (last or any_done):
+                continue
+            # Retire converged (and broken) samples: results and cache rows go back.
+            leave = torch.ones_like(done) if last else done
+            gone = rows[leave]
+            xp[gone, p:e] = seg_x[leave, 1:]
+            stats.sample_iters[gone] += ran
+            stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave].float())
             finite = torch.isfinite(res)
-            done = (res <= schedule.tol) | ~finite
-            if last or bool(done.any()):
-                # Retire converged (and broken) samples: results and cache rows go back.
-                leave = torch.ones_like(done) if last else done
-                gone = rows[leave]
-                xp[gone, p:e] = seg_x[leave, 1:]
-                stats.sample_iters[gone] += ran
-                stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave].float())
-                if not bool(finite.all()):
-                    healthy[rows[~finite]] = False
-                if work is not cache:
-                    local = _net_rows(leave.nonzero().squeeze(1), rows.numel(), guided)
-                    cache.put(_net_rows(gone, B, guided), _slice(work, local), p - 1, e - 1)
-                if last or bool(leave.all()):
-                    break
-                stay = ~leave
-                if work is cache:  # first retirement: move the survivors to a compact cache
-                    work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1 + front)
-                else:
-                    work = _slice(work, _net_rows(stay.nonzero().squeeze(1), rows.numel(),
-                                                  guided))
-                rows = rows[stay]
-                seg_x, seg_z = seg_x[stay], seg_z[stay]
-                nrows = _net_rows(rows, B, guided)
-                cond = pick(cond_all, nrows)
-                qs = None if qs_all is None else qs_all[nrows]
+            if not bool(finite.all()):
+                healthy[rows[~finite]] = False
+            if work is not cache:
+                local = _net_rows(leave.nonzero().squeeze(1), rows.numel(), guided)
+                cache.put(_net_rows(gone, B, guided), _slice(work, local), p - 1, e - 1)
+            if last or bool(leave.all()):
+                break
+            stay = ~leave
+            if work is cache:  # first retirement: move the survivors to a compact cache
+                work = cache.select(_net_rows(rows[stay], B, guided), end=p - 1 + front)
+            else:
+                work = _slice(work, _net_rows(stay.nonzero().squeeze(1), rows.numel(), guided))
+            rows = rows[stay]
+            seg_x, seg_z = seg_x[stay], seg_z[stay]
+            nrows = _net_rows(rows, B, guided)
+            cond = pick(cond_all, nrows)
+            qs = None if qs_all is None else qs_all[nrows]
         stats.iters.append(ran)
 
     x = permute(xp, block.flipped)

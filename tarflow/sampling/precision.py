@@ -17,7 +17,7 @@ import torch
 
 from tarflow.model import TarFlow
 
-# model -> (dtype, parameter stamp, copy). Weak keys: the cache dies with the model.
+# model -> {dtype: (parameter stamp, copy)}. Weak keys: the cache dies with the model.
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -35,13 +35,14 @@ def network_copy(model: TarFlow, dtype: torch.dtype) -> TarFlow:
     if not dtype.is_floating_point:
         raise ValueError(f"net_dtype must be a floating dtype, got {dtype}")
     stamp = _stamp(model)
-    hit = _TWINS.get(model)
-    if hit is not None and hit[0] == dtype and hit[1] == stamp:
-        return hit[2]
+    twins = _TWINS.setdefault(model, {})
+    hit = twins.get(dtype)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     twin = copy.deepcopy(model).to(dtype).eval()
     for p in twin.parameters():
         p.requires_grad_(False)
-    _TWINS[model] = (dtype, stamp, twin)
+    twins[dtype] = (stamp, twin)
     return twin
 
 
@@ -58,3 +59,9 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"unknown net_dtype {name!r}: use bfloat16, float16, float32 or none")
     return dtype
+
+
+def dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    """Canonical name ("bfloat16", ...) of a dtype or alias, as schedules store it."""
+    dtype = parse_dtype(dtype)
+    return None if dtype is None else str(dtype).removeprefix("torch.")

@@ -14,7 +14,7 @@ import torch
 from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.denoise import self_denoise
 from tarflow.sampling.jacobi import BlockStats, TraceFn, gs_jacobi_block
-from tarflow.sampling.precision import network_copy, parse_dtype
+from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.schedule import SamplingSchedule
 
 
@@ -49,7 +49,7 @@ def _sync(device: torch.device) -> None:
 def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
            schedule: SamplingSchedule | None = None, *, guidance: float = 0.0,
            attn_temp: float = 1.0, annealed: bool = False, denoise: float = 0.0,
-           noise_std: float | None = None, check_every: int = 1,
+           noise_std: float | None = None, check_every: int | None = None,
            callback: TraceFn | None = None,
            net_dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, SampleStats]:
     """Noise -> images.
@@ -63,17 +63,25 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
         attn_temp: attention temperature of the uncond branch.
         annealed: ramp w linearly along each block's sequence.
         denoise: self-denoising multiplier (0 = off); needs ``noise_std`` or the config's.
-        check_every: convergence test every k Jacobi iterations.
+        check_every: shorthand that sets every block's ``check_every`` (convergence test every
+            k Jacobi iterations); None keeps the schedule's.
         callback: per-iteration trace (see ``gs_jacobi_block``).
-        net_dtype: run the network of Jacobi / GS-Jacobi iterations in this dtype (e.g.
-            "bfloat16"; a cached converted copy of the model) while iterates, updates and the
-            stopping test stay in the noise dtype. Sequential blocks keep full precision.
+        net_dtype: shorthand that sets every block's ``net_dtype``: run the network of Jacobi /
+            GS-Jacobi iterations in this dtype (e.g. "bfloat16"; a cached converted copy of the
+            model) while iterates, updates and the stopping test stay in the noise dtype.
+            Sequential blocks keep full precision. None keeps the schedule's.
 
     Returns:
         images (B, C, H, W) and :class:`SampleStats`.
     """
     cfg = model.config
     schedule = schedule or SamplingSchedule.sequential()
+    if check_every is not None:
+        schedule = schedule.with_settings(check_every=int(check_every))
+    if net_dtype is not None:
+        name = dtype_name(net_dtype)
+        schedule = schedule.with_settings(net_dtype=None if name == dtype_name(noise.dtype)
+                                          else name)
     schedule.validate(cfg.num_blocks, cfg.num_patches)
     model._check_labels(y)
     g = Guidance(guidance, attn_temp, annealed)
@@ -81,12 +89,7 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     if noise.shape[1:] != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must be (B, {cfg.num_patches}, {cfg.token_dim}) for "
                          f"{cfg.tag}, got {tuple(noise.shape)}")
-    net_dtype = parse_dtype(net_dtype)
-    nets = None
-    if net_dtype is not None and net_dtype != noise.dtype:
-        nets = network_copy(model, net_dtype).blocks
-    stats = SampleStats(schedule=schedule.describe()
-                        + (f" net={str(net_dtype).removeprefix('torch.')}" if nets else ""))
+    stats = SampleStats(schedule=schedule.describe())
     _sync(noise.device)
     t_all = time.perf_counter()
     x = noise
@@ -100,9 +103,9 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
                             sample_iters=torch.full((x.shape[0],), n, device=x.device),
                             residual=torch.zeros(x.shape[0], device=x.device))
         else:
-            x, st = gs_jacobi_block(block, x, y, settings, guidance=g,
-                                    check_every=check_every, callback=callback,
-                                    net=None if nets is None else nets[block.index])
+            x, st = gs_jacobi_block(block, x, y, settings, guidance=g, callback=callback,
+                                    net=_network(model, block.index, settings.net_dtype,
+                                                 noise.dtype))
         _sync(noise.device)
         st.seconds = time.perf_counter() - t0
         stats.blocks[block.index] = st
@@ -113,6 +116,14 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     _sync(noise.device)
     stats.seconds = time.perf_counter() - t_all
     return images, stats
+
+
+def _network(model: TarFlow, index: int, net_dtype: str | None, dtype: torch.dtype):
+    """The block that runs block ``index``'s Jacobi passes: a cached low-precision copy, or None
+    (the block itself)."""
+    if net_dtype is None or net_dtype == dtype_name(dtype):
+        return None
+    return network_copy(model, getattr(torch, net_dtype)).blocks[index]
 
 
 def sample_sequential(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,

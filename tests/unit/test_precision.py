@@ -25,7 +25,7 @@ def test_low_precision_network_keeps_iterates_and_lands_near_the_exact_solution(
     assert out.dtype == torch.float64  # iterates stay in the noise dtype
     err = (out - ref).abs().max().item()
     assert 0 < err < atol  # the network really ran in lower precision, and only that changed
-    assert "net=" in stats.schedule
+    assert {torch.float32: "/fp32", "bf16": "/bf16"}[net_dtype] in stats.schedule
 
 
 def test_sequential_blocks_ignore_net_dtype():
@@ -75,24 +75,23 @@ def test_tune_segments_keeps_the_fastest_count_for_the_segmented_blocks_only():
     assert tune_segments(model, plain, z, y[:2]) == (plain, {})
 
 
-def test_sampler_config_net_dtype_is_validated_and_kept_as_a_string():
+def test_sampler_config_net_dtype_is_validated_and_lands_on_the_schedule():
     from tarflow.lit.callbacks.sampler_config import parse_sampler
 
-    assert parse_sampler({"schedule": "jacobi", "net_dtype": "bf16"}).knobs["net_dtype"] == \
-        "bfloat16"
-    assert parse_sampler({"schedule": "jacobi"}).knobs["net_dtype"] is None
+    settings = parse_sampler({"schedule": "jacobi", "net_dtype": "bf16", "check_every": 2})
+    assert settings.net_dtype == "bfloat16"  # a plain string: the config stays serialisable
+    assert settings.schedule.default.net_dtype == "bfloat16"
+    assert settings.schedule.default.check_every == 2
+    assert "net_dtype" not in settings.knobs and "check_every" not in settings.knobs
+    assert parse_sampler({"schedule": "jacobi"}).schedule.default.net_dtype is None
+    auto = parse_sampler({"schedule": "auto", "net_dtype": "bf16"})
+    assert auto.is_planned and auto.net_dtype == "bfloat16"  # allowed, not imposed
     with pytest.raises(ValueError, match="unknown net_dtype"):
         parse_sampler({"schedule": "jacobi", "net_dtype": "bf61"})
 
 
-def test_sampler_config_tune_segments_times_the_tough_blocks():
+def test_retired_tune_segments_key_says_what_replaced_it():
     from tarflow.lit.callbacks.sampler_config import parse_sampler
 
-    model = make_model(3, dtype=torch.float32)
-    settings = parse_sampler({"schedule": "[1-4-8-10]", "tol": 1e-4, "tune_segments": True,
-                              "guidance": 1.0})
-    schedule, timings = settings.tune(model, settings.resolve(None, 16), batch_size=2)
-    assert set(timings) == {1, 2, 4, 8}
-    assert schedule.blocks[1].segments == min(timings, key=timings.get)
-    off = parse_sampler({"schedule": "[1-4-8-10]"})
-    assert off.tune(model, off.resolve(None, 16), batch_size=2)[1] == {}
+    with pytest.raises(ValueError, match="planner: use schedule: auto"):
+        parse_sampler({"schedule": "[1-4-8-10]", "tune_segments": True})
