@@ -11,13 +11,15 @@ import torch
 
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
 from tarflow.eval.bench import Method, benchmark, format_table
+from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.sampling import (
+    PlanCache,
     SamplingSchedule,
     build_schedule,
     rank_blocks,
     schedule_from_ranking,
 )
-from tarflow.sampling.precision import parse_dtype
+from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.tune import tune_segments
 
 
@@ -27,11 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time samplers side by side in one process: medians over repeats after "
         "warm-up, errors against the sequential loop on the same noise, one table per batch.",
         epilog="methods: 'sequential', 'jacobi' (to --tol), 'jacobi:J' (J iterations per block), "
-        "'auto' (schedule from the CRM/IGM ranking), 'auto:tuned' (the same with the tough "
-        "blocks' segment count timed on this device and batch), or the paper's notation such as "
-        "'[3-8-32-10]'; a suffix '@bf16' runs that method's Jacobi iterations with a bfloat16 "
-        "network (iterates and stopping test keep --dtype). "
-        "Example: tarflow-bench last.ckpt --data demo --batch 1 4 16 --methods jacobi jacobi@bf16")
+        "'auto' (the planner: per block the fastest of sequential / Jacobi / GS-Jacobi, timed on "
+        "this device at each batch size; plans are cached in --plan-cache), 'auto:paper' (the "
+        "paper's fixed rule on the CRM/IGM ranking), 'auto:tuned' (the paper's rule with the "
+        "tough blocks' segment count timed), 'plain:J' (the GS-Jacobi authors' loop: J full "
+        "passes per block, no stopping test), the paper's notation such as '[3-8-32-10]' or the "
+        "explicit form '{3:S4/zeros, else:S1}'. A suffix '@bf16' runs that method's Jacobi "
+        "iterations with a bfloat16 network (for 'auto': lets the planner use one where it "
+        "measures faster); iterates and stopping test keep --dtype. "
+        "Example: tarflow-bench last.ckpt --data demo --batch 1 4 16 --methods jacobi auto")
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--methods", nargs="+", default=["jacobi", "auto"])
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true")
-    p.add_argument("--check-every", type=int, default=1)
+    p.add_argument("--plan-cache", default="data/sampling_plans.json", help="JSON file of the "
+                   "planner's plans, shared with tarflow-sample/-eval ('' = plan afresh)")
     p.add_argument("--concat-baseline", action="store_true", help="also time the sequential loop "
                    "with a torch.cat-grown KV cache, as in the reference code")
     p.add_argument("--denoise", type=float, default=0.0, help="self-denoising multiplier for the "
@@ -60,26 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_methods(args, model) -> tuple[dict[str, SamplingSchedule], str]:
+def resolve_methods(args, model) -> tuple[dict[str, Method], str]:
     methods, note = {}, ""
     ranking = None
     for spec in args.methods:
         m, _, dtype = spec.partition("@")
         try:
-            dtype = str(parse_dtype(dtype)).removeprefix("torch.") if dtype else None
+            dtype = dtype_name(dtype) if dtype else None
         except ValueError as err:
             fail(f"method {spec!r}: {err}")
         suffix = f"@{dtype}" if dtype else ""
         if m == "sequential":
             continue  # always run first as the reference
-        if m in ("auto", "auto:tuned"):
+        if m.startswith("plain:"):
+            try:
+                iters = int(m.split(":", 1)[1])
+            except ValueError:
+                fail(f"method {spec!r}: plain:J needs an iteration count, e.g. plain:10")
+            methods[m] = Method(SamplingSchedule.jacobi(iters, init=args.init), plain_iters=iters)
+            continue
+        if m in ("auto", "auto:paper", "auto:tuned"):
             if ranking is None:
                 images, where = probe_images(args, model)
                 ranking = rank_blocks(model, images)
-                note = f"auto schedule ranked on {where}"
-            methods[m.replace(":", "_").replace("auto", "gs_jacobi_auto") + suffix] = Method(
-                schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol), dtype,
-                tune=m == "auto:tuned")
+                note = f"CRM/IGM ranking on {where}"
+            paper = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol)
+            name = {"auto": "auto", "auto:paper": "auto_paper", "auto:tuned": "auto_tuned"}[m]
+            methods[name + suffix] = Method(paper, dtype, tune=m == "auto:tuned",
+                                            plan=m == "auto")
             continue
         try:
             schedule = build_schedule(m, init=args.init, tol=args.tol)
@@ -88,26 +103,34 @@ def resolve_methods(args, model) -> tuple[dict[str, SamplingSchedule], str]:
         name = "jacobi" if m.startswith("jacobi") else "gs_jacobi"
         methods[(m if name == "gs_jacobi" or ":" in m else name) + suffix] = Method(schedule,
                                                                                    dtype)
-    return methods, note
+    return methods, (note, ranking)
 
 
-def tune_methods(model, methods: dict[str, Method], batch: int, seed: int, knobs: dict
-                 ) -> dict[str, Method]:
-    """Methods marked ``tune``, with segments timed on a batch of this size (other noise)."""
+def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int, seed: int,
+                   knobs: dict) -> dict[str, Method]:
+    """Methods whose schedule depends on the batch: planned ones (the planner, cached in
+    ``--plan-cache``) and tuned ones (``tune_segments`` on other noise), decided now."""
     out = {}
+    cache = PlanCache(args.plan_cache) if args.plan_cache else None
     for name, m in methods.items():
-        if not m.tune:
-            continue
-        g = torch.Generator(device=model.var.device).manual_seed(seed)
-        noise = model.sample_noise(batch, generator=g, dtype=model.var.dtype)
-        y = (torch.randint(0, model.config.num_classes, (batch,), generator=g,
-                           device=model.var.device) if model.config.conditional else None)
-        schedule, timings = tune_segments(model, m.schedule, noise, y, net_dtype=m.net_dtype,
-                                          **knobs)
-        print(f"{name} at batch {batch}: segments of the tough block(s) timed "
-              + ", ".join(f"S={S}: {t * 1e3:.1f} ms" for S, t in timings.items())
-              + f" -> {schedule.describe()}")
-        out[name] = replace(m, schedule=schedule)
+        if m.plan:
+            settings = parse_sampler({"schedule": "auto", "tol": args.tol, "init": args.init,
+                                      "net_dtype": m.net_dtype, **knobs})
+            schedule, plan = settings.schedule_for(model, ranking, batch, cache=cache,
+                                                   seed=seed)
+            print(f"{name} at batch {batch}: {plan.table()}")
+            out[name] = replace(m, schedule=schedule)
+        elif m.tune:
+            g = torch.Generator(device=model.var.device).manual_seed(seed)
+            noise = model.sample_noise(batch, generator=g, dtype=model.var.dtype)
+            y = (torch.randint(0, model.config.num_classes, (batch,), generator=g,
+                               device=model.var.device) if model.config.conditional else None)
+            schedule, timings = tune_segments(model, m.schedule, noise, y,
+                                              net_dtype=m.net_dtype, **knobs)
+            print(f"{name} at batch {batch}: segments of the tough block(s) timed "
+                  + ", ".join(f"S={S}: {t * 1e3:.1f} ms" for S, t in timings.items())
+                  + f" -> {schedule.describe()}")
+            out[name] = replace(m, schedule=schedule)
     return out
 
 
@@ -153,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args)
-    methods, note = resolve_methods(args, model)
+    methods, (note, ranking) = resolve_methods(args, model)
     cfg = model.config
     print(f"model {cfg.tag} img {cfg.img_size} N={cfg.num_patches} classes {cfg.num_classes}; "
           f"device {args.device} ({platform.processor() or platform.machine()}, "
@@ -163,15 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     all_rows = []
     fid_methods = methods
+    if any(m.plan or m.tune for m in methods.values()) and len(args.batch) > 1:
+        print(f"note: FID of planned/tuned methods uses their schedule for batch {args.batch[0]}")
     for B in args.batch:
         g = torch.Generator(device=args.device).manual_seed(args.seed)
         noise = model.sample_noise(B, generator=g, dtype=getattr(torch, args.dtype))
         y = (torch.randint(0, cfg.num_classes, (B,), generator=g, device=args.device)
              if cfg.conditional else None)
-        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
-                     check_every=args.check_every)
-        tuned = tune_methods(model, methods, B, args.seed + 1, knobs)
-        methods_b = {**methods, **tuned}
+        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed)
+        decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)
+        methods_b = {**methods, **decided}
         if B == args.batch[0]:
             fid_methods = methods_b  # FID uses the schedules tuned for the first batch size
         rows = benchmark(model, noise, y, methods_b, repeats=args.repeats, warmup=args.warmup,
@@ -182,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         fids = fid_per_method(args, model, fid_methods)
         for r in all_rows:
             # The torch.cat loop produces the sequential loop's images bit for bit.
-            r.fid = fids["sequential" if r.method == "sequential_cat" else r.method]
+            r.fid = fids.get("sequential" if r.method == "sequential_cat" else r.method)
         print(f"FID@{args.fid} (same noise and labels for every method, denoise "
               f"{args.denoise}, reference {args.fid_stats}):")
         for name, value in fids.items():

@@ -90,7 +90,9 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     probe = {"dataset": data["name"], "root": data.get("root"),
              "dataset_kwargs": data.get("dataset_kwargs"),
              **OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)}
-    schedule = resolve_schedule(settings, net, probe)
+    n, batch = int(fid["num_samples"]), int(fid.get("batch_size") or 64)
+    schedule, plan = resolve_schedule(settings, net, probe, batch_size=min(batch, n),
+                                      plan_cache=cfg.paths.get("plan_cache"))
     device = next(net.parameters()).device
     extractor = _extractor(fid, device)
     ref_split = fid.get("reference_split") or "train"
@@ -104,7 +106,6 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
                                 batch_size=int(fid.get("feature_batch_size") or 64),
                                 device=device, progress=progress)
     ref_seconds = time.perf_counter() - t0
-    n, batch = int(fid["num_samples"]), int(fid.get("batch_size") or 64)
     tally = IterationTally(net.config.num_blocks)
     features = FeatureStats()
     feature_seconds = 0.0
@@ -118,7 +119,7 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     mu, sigma = features.mean_cov()
     ref_mu, ref_sigma = reference.mean_cov()
     return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-            **summary_of(settings, schedule, tally), "fid_stats_path": stats_path,
+            **summary_of(settings, schedule, tally, plan), "fid_stats_path": stats_path,
             "reference_seconds": ref_seconds, "feature_seconds": feature_seconds}
 
 

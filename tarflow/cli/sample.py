@@ -37,7 +37,8 @@ from tarflow.lit.callbacks.reference import fixed_subset, stack_items
 from tarflow.lit.callbacks.sample_set import IterationTally, fixed_inputs, sample_batches
 from tarflow.lit.callbacks.sampler_config import SamplerSettings, parse_sampler
 from tarflow.model import TarFlow
-from tarflow.sampling import SamplingSchedule, rank_blocks, ranking_table, sample
+from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
+from tarflow.sampling.plan import device_name
 
 log = logging.getLogger(__name__)
 # Absolute path: a relative config_path would be read as a Python package by the console script.
@@ -83,22 +84,45 @@ def probe_batch(net: TarFlow, probe: dict[str, Any]) -> tuple[torch.Tensor, str]
     return images, f"{size} sequential samples of the model (probe.dataset is null)"
 
 
-def resolve_schedule(settings: SamplerSettings, net: TarFlow,
-                     probe: dict[str, Any]) -> SamplingSchedule:
-    """The sampler's schedule; "auto" ranks the blocks on a probe batch first (printed)."""
+def resolve_schedule(settings: SamplerSettings, net: TarFlow, probe: dict[str, Any], *,
+                     batch_size: int, plan_cache: str | None = None
+                     ) -> tuple[SamplingSchedule, Plan | None]:
+    """The sampler's schedule and, for ``schedule: auto``, the plan behind it (printed).
+
+    A plan cached for these weights, device, batch and settings is reused without ranking;
+    otherwise the blocks are ranked on a probe batch (the planner's prior) and the planner
+    measures the candidates at ``batch_size``.
+    """
     if not settings.is_auto:
-        return settings.resolve(None, net.config.num_patches)
-    images, where = probe_batch(net, probe)
-    ranking = rank_blocks(net, images)
-    schedule = settings.resolve(ranking, net.config.num_patches)
-    log.info("CRM/IGM ranking on %s:\n%s", where, ranking_table(ranking, schedule))
-    print(f"automatic schedule ({where}): {schedule.describe()}")
-    return schedule
+        return settings.resolve(None, net.config.num_patches), None
+    cache = PlanCache(plan_cache) if plan_cache else None
+    plan = cache.get(settings.plan_key(net, batch_size)) if settings.is_planned and cache else None
+    where = "cached plan"
+    if plan is None:
+        images, where = probe_batch(net, probe)
+        ranking = rank_blocks(net, images)
+        schedule, plan = settings.schedule_for(net, ranking, batch_size, cache=cache)
+        log.info("CRM/IGM ranking on %s:\n%s", where, ranking_table(ranking, schedule))
+        if plan is None:
+            print(f"automatic schedule ({settings.schedule}, ranked on {where}): "
+                  f"{schedule.describe()}")
+    if plan is not None:
+        device = device_name(next(net.parameters()).device)
+        print(f"sampling plan at batch {batch_size} on {device} (prior: {where}"
+              f"{'' if cache is None else f'; cache {cache.path}'}):\n{plan.table()}")
+    return (plan.schedule if plan is not None else schedule), plan
 
 
 def summary_of(settings: SamplerSettings, schedule: SamplingSchedule,
-               tally: IterationTally) -> dict[str, Any]:
-    """JSON-ready timing and iteration numbers of a sampling run."""
+               tally: IterationTally, plan: Plan | None = None) -> dict[str, Any]:
+    """JSON-ready timing and iteration numbers of a sampling run (and its plan, if planned:
+    the measured speed-up compares the run's seconds per batch with the sequential loop's as
+    the planner timed it at the same batch size)."""
+    extra = {}
+    if plan is not None and tally.batches:
+        extra = {"plan": plan.to_dict(),
+                 "speedup_vs_planned_sequential": plan.sequential_seconds
+                 / max(tally.seconds / tally.batches, 1e-12)}
     return {
         "sampler": settings.name,
         "schedule": schedule.describe(),
@@ -108,6 +132,7 @@ def summary_of(settings: SamplerSettings, schedule: SamplingSchedule,
         "seconds_per_image": tally.seconds_per_image,
         "iters_per_block": {str(b): n for b, n in tally.mean_iters().items()},
         "fallback": tally.fallback,
+        **extra,
     }
 
 
@@ -128,13 +153,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
     probe = OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)
-    schedule = resolve_schedule(settings, net, probe)
     n, batch = int(cfg.num_samples), int(cfg.batch_size)
-    if settings.tune_segments:
-        schedule, timings = settings.tune(net, schedule, min(batch, n), seed=int(cfg.seed) + 1)
-        print("segment tuning: " + ", ".join(f"S={S}: {t * 1e3:.1f} ms"
-                                             for S, t in timings.items())
-              + f" -> {schedule.describe()}")
+    schedule, plan = resolve_schedule(settings, net, probe, batch_size=min(batch, n),
+                                      plan_cache=cfg.paths.get("plan_cache"))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if fmt != "npz":
@@ -159,7 +180,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                           else np.zeros(len(b.indices), np.int64))
         if sum(x.shape[0] for x in grid_images) < int(cfg.get("grid_size", 64)):
             grid_images.append(b.images.float().cpu())
-    result = summary_of(settings, schedule, tally)
+    result = summary_of(settings, schedule, tally, plan)
     result["out_dir"] = str(out)
     if fmt != "png":
         result["npz"] = str(out / "samples.npz")

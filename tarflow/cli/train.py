@@ -39,11 +39,12 @@ from torchvision.utils import save_image
 
 from tarflow.cli.checks import check_config
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.checkpoint_io import AtomicCheckpointIO
 from tarflow.lit.safe_logging import guard_loggers
 from tarflow.lit.wandb_utils import finish_wandb
 from tarflow.model import TarFlow
-from tarflow.sampling import build_schedule, sample
+from tarflow.sampling import SamplingSchedule, sample
 
 log = logging.getLogger(__name__)
 # The repo's conf/ as an absolute path: a relative config_path would be read as a Python package
@@ -136,23 +137,14 @@ def write_sample_grid(
     y = None
     if cfg.conditional:
         y = torch.arange(rows, device=device).repeat_interleave(per_class)  # (rows * per_class,)
-    spec = sampler.get("schedule", "sequential")
-    spec = "sequential" if str(spec).lower() == "auto" else spec
-    schedule = build_schedule(spec, init=sampler.get("init", "z"), tol=sampler.get("tol", 0.0))
-    guidance, attn_temp = float(sampler.get("guidance", 0.0)), float(sampler.get("attn_temp", 1.0))
-    if not cfg.conditional and attn_temp == 1.0:
-        guidance = 0.0  # both branches would be identical: guidance is a no-op here, not an error
-    images, _ = sample(
-        net,
-        noise,
-        y,
-        schedule,
-        guidance=guidance,
-        attn_temp=attn_temp,
-        annealed=bool(sampler.get("annealed", False)),
-        denoise=float(sampler.get("denoise", 0.0)),
-        check_every=int(sampler.get("check_every", 1)),
-    )
+    settings = parse_sampler(sampler)
+    # A run-time schedule needs a ranking (and the planner a batch to time): the final grid
+    # uses the exact loop instead.
+    schedule = SamplingSchedule.sequential() if settings.is_auto else settings.schedule
+    knobs = dict(settings.knobs)
+    if not cfg.conditional and knobs["attn_temp"] == 1.0:
+        knobs["guidance"] = 0.0  # both branches would be identical: a no-op here, not an error
+    images, _ = sample(net, noise, y, schedule, **knobs)
     path.parent.mkdir(parents=True, exist_ok=True)
     # [-1, 1] -> [0, 1]; clamp because flow samples can overshoot the data range.
     save_image(((images.float() + 1) / 2).clamp(0, 1), path, nrow=per_class, padding=1)

@@ -20,18 +20,35 @@ from tarflow.sampling import SamplingSchedule, sample
 
 @dataclass(frozen=True)
 class Method:
-    """A sampler to time: a schedule, and optionally a low-precision network for its Jacobi
-    iterations (``sample(..., net_dtype=...)``)."""
+    """A sampler to time: a schedule, optionally a low-precision network for its Jacobi
+    iterations (``sample(..., net_dtype=...)``), or the plain fixed-iteration Jacobi loop.
+
+    ``tune`` / ``plan`` mark methods whose schedule is decided per batch size before timing
+    (``tune_segments`` / the planner, where ``net_dtype`` is the dtype it may use).
+    """
 
     schedule: SamplingSchedule
     net_dtype: str | None = None
-    tune: bool = False  # choose the tough blocks' segment count by timing (tune_segments)
+    tune: bool = False
+    plan: bool = False
+    plain_iters: int | None = None
 
     def describe(self) -> str:
-        return self.schedule.describe() + (f" @{self.net_dtype}" if self.net_dtype else "")
+        if self.plain_iters is not None:
+            return f"plain loop, {self.plain_iters} full passes per block, no test"
+        applied = self.net_dtype and not self.plan  # a planned schedule names its own dtypes
+        return self.schedule.describe() + (f" @{self.net_dtype}" if applied else "")
 
     def run(self, model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None, **knobs):
-        return sample(model, noise, y, self.schedule, net_dtype=self.net_dtype, **knobs)
+        if self.plain_iters is not None:
+            from tarflow.eval.baseline import sample_jacobi_plain
+
+            g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed") if k in knobs}
+            init = self.schedule.default.init
+            return sample_jacobi_plain(model, noise, y, iters=self.plain_iters, init=init,
+                                       **g), None
+        dtype = None if self.plan else self.net_dtype
+        return sample(model, noise, y, self.schedule, net_dtype=dtype, **knobs)
 
 
 @dataclass
@@ -140,7 +157,7 @@ def benchmark(
             is the reference).
         concat_baseline: also time the sequential loop with the reference code's ``torch.cat``
             cache (row "sequential_cat"; its speed-up < 1 is how much faster our loop is).
-        knobs: guidance, attn_temp, annealed, denoise, check_every (passed to ``sample``).
+        knobs: guidance, attn_temp, annealed, denoise (passed to ``sample``).
 
     Returns:
         Rows in the order run, sequential first.
@@ -175,7 +192,9 @@ def benchmark(
             speedup=t_seq / secs[name], vs_forward=secs[name] / t_fwd,
             max_abs_err=float(diff.abs().max()),
             rel_err=float(diff.norm() / ref.norm().clamp_min(1e-30)),
-            iters=stats.iters if stats else rows[0].iters,
+            iters=stats.iters if stats else (
+                {b: method.plain_iters for b in range(model.config.num_blocks)}
+                if method else rows[0].iters),
             peak_mem_mb=peak_memory_mb(calls[name], device)))
     if concat_baseline:  # show it next to the loop it is the baseline of
         rows.insert(1, rows.pop())

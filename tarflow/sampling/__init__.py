@@ -3,6 +3,16 @@
 from tarflow.model.guidance import Guidance
 from tarflow.sampling.denoise import self_denoise
 from tarflow.sampling.jacobi import BlockStats, gs_jacobi_block, relative_residual
+from tarflow.sampling.plan import (
+    BlockPlan,
+    Candidate,
+    Plan,
+    PlanCache,
+    fingerprint,
+    plan_key,
+    ranking_moved,
+)
+from tarflow.sampling.planner import PlannerOptions, plan_schedule
 from tarflow.sampling.ranking import (
     BlockRank,
     block_metrics,
@@ -29,18 +39,27 @@ from tarflow.sampling.tune import tune_segments
 
 __all__ = [
     "SEQUENTIAL",
+    "BlockPlan",
     "BlockRank",
     "BlockSchedule",
     "BlockStats",
+    "Candidate",
     "Guidance",
+    "Plan",
+    "PlanCache",
+    "PlannerOptions",
     "SampleStats",
     "SamplingSchedule",
     "block_metrics",
     "build_schedule",
+    "fingerprint",
     "format_schedule",
     "gs_jacobi_block",
     "parse_schedule",
+    "plan_key",
+    "plan_schedule",
     "rank_blocks",
+    "ranking_moved",
     "ranking_table",
     "relative_residual",
     "sample",

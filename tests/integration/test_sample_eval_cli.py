@@ -89,9 +89,24 @@ def test_sample_auto_schedule_ranks_a_probe_batch(tmp_path: Path, checkpoint: Pa
         "sampler.auto.tough_factor=1.0", "probe.dataset=fake", "probe.size=16",
         "+probe.dataset_kwargs.length=20", "label=2", "sampler.guidance=1.0"])
     result = sample.run(cfg)
-    assert "automatic schedule (16 fake images)" in capsys.readouterr().out
-    assert result["schedule"].startswith("{")  # tough blocks got segments
+    out = capsys.readouterr().out
+    assert "sampling plan at batch 3" in out and "prior: 16 fake images" in out
+    assert "planned in" in out and "seq" in out  # the table lists the sequential candidate
+    assert result["plan"]["schedule"] == result["schedule"]
+    assert result["speedup_vs_planned_sequential"] > 0
     assert np.load(tmp_path / "out" / "samples.npz")["labels"].tolist() == [2, 2, 2]
+    # The same weights, device, batch and settings: the plan comes from the cache, unranked.
+    cfg.out_dir = str(tmp_path / "again")
+    result = sample.run(cfg)
+    out = capsys.readouterr().out
+    assert "reused from cache" in out and "prior: cached plan" in out
+    paper = sample.run(compose_cfg("sample", tmp_path, [
+        f"ckpt_path={checkpoint}", "num_samples=3", "format=npz", "sampler=gs_jacobi_auto",
+        "sampler.schedule=auto:paper", "sampler.auto.tough_factor=1.0", "probe.dataset=fake",
+        "probe.size=16", "+probe.dataset_kwargs.length=20", "sampler.guidance=1.0",
+        f"out_dir={tmp_path / 'paper'}"]))
+    assert "automatic schedule (auto:paper, ranked on 16 fake images)" in capsys.readouterr().out
+    assert paper["schedule"].startswith("{")  # the paper's rule: tough blocks got segments
 
 
 def test_sample_console_entry_point(tmp_path: Path, checkpoint: Path) -> None:

@@ -12,12 +12,13 @@ from tarflow.cli import bench, rank
 def test_bench_table_errors_below_1e4_in_float32(tmp_path, capsys):
     out = tmp_path / "bench.json"
     bench.main(["--preset", "tiny", "--batch", "1", "3", "--methods", "jacobi", "auto",
-                "[1-4-8-10]", "--tol", "1e-10", "--repeats", "2", "--probe", "16",
-                "--json", str(out)])
+                "auto:paper", "[1-4-8-10]", "--tol", "1e-10", "--repeats", "2", "--probe", "16",
+                "--plan-cache", str(tmp_path / "plans.json"), "--json", str(out)])
     text = capsys.readouterr().out
-    assert "| sequential |" in text and "| gs_jacobi_auto |" in text
+    assert "| sequential |" in text and "| auto |" in text and "| auto_paper |" in text
+    assert text.count("planned in") == 2  # one plan per batch size, with its table
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"sequential", "jacobi", "gs_jacobi_auto",
+    assert {r["method"] for r in rows} == {"sequential", "jacobi", "auto", "auto_paper",
                                            "[1-4-8-10]"}
     assert {r["batch"] for r in rows} == {1, 3}
     for r in rows:
@@ -51,7 +52,26 @@ def test_bench_bf16_network_and_tuned_auto_rows(tmp_path, capsys):
                 "--tol", "1e-10", "--repeats", "1", "--warmup", "0", "--probe", "8",
                 "--json", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"sequential", "jacobi@bfloat16", "gs_jacobi_auto_tuned"}
+    assert set(rows) == {"sequential", "jacobi@bfloat16", "auto_tuned"}
     assert rows["jacobi@bfloat16"]["schedule"].endswith("@bfloat16")
     assert 0 < rows["jacobi@bfloat16"]["max_abs_err"] < 0.5  # bf16 network: close, not exact
-    assert rows["gs_jacobi_auto_tuned"]["max_abs_err"] < 1e-4
+    assert rows["auto_tuned"]["max_abs_err"] < 1e-4
+
+
+def test_bench_plain_loop_row_matches_jacobi_at_equal_iterations(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--batch", "2", "--methods", "jacobi:5", "plain:5",
+                "--tol", "0", "--repeats", "1", "--warmup", "0", "--json", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["plain:5"]["iters"] == rows["jacobi:5"]["iters"] == {"0": 5, "1": 5}
+    assert abs(rows["plain:5"]["max_abs_err"] - rows["jacobi:5"]["max_abs_err"]) < 1e-5
+
+
+def test_bench_reuses_a_cached_plan(tmp_path, capsys):
+    args = ["--preset", "tiny", "--batch", "2", "--methods", "auto", "--tol", "1e-4",
+            "--repeats", "1", "--warmup", "0", "--probe", "8",
+            "--plan-cache", str(tmp_path / "plans.json")]
+    bench.main(args)
+    assert "planned in" in capsys.readouterr().out
+    bench.main(args)
+    assert "reused from cache" in capsys.readouterr().out

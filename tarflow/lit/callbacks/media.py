@@ -23,6 +23,7 @@ GRID_KEY = "samples/grid"
 TABLE_KEY = "blocks/ranking"
 CRM_CHART_KEY = "blocks/crm_chart"
 CONVERGENCE_KEY = "sampling/convergence"
+PLAN_KEY = "sampling/plan"
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RoundMedia:
         columns: ranking table header; rows: one list per block.
         crm_shares: per block label, its CRM share in percent.
         convergence: per block label, (iterations, log10 residual) of the traced batch.
+        plan_columns, plan_rows: the planner's table (block, candidate, measured cost, chosen).
     """
 
     step: int
@@ -47,6 +49,8 @@ class RoundMedia:
     rows: list[list[Any]] = field(default_factory=list)
     crm_shares: dict[str, float] = field(default_factory=dict)
     convergence: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    plan_columns: list[str] = field(default_factory=list)
+    plan_rows: list[list[Any]] = field(default_factory=list)
 
 
 def _log_wandb(logger: WandbLogger, media: RoundMedia) -> None:
@@ -56,6 +60,9 @@ def _log_wandb(logger: WandbLogger, media: RoundMedia) -> None:
         logger.log_image(GRID_KEY, [media.grid], step=media.step, caption=[media.caption])
     if media.rows:
         logger.log_table(TABLE_KEY, columns=media.columns, data=media.rows, step=media.step)
+    if media.plan_rows:
+        logger.log_table(PLAN_KEY, columns=media.plan_columns, data=media.plan_rows,
+                         step=media.step)
     charts: dict[str, Any] = {}
     if media.crm_shares:
         table = wandb.Table(columns=["block", "crm_share"],
@@ -86,12 +93,15 @@ def write_media_files(directory: str | Path, media: RoundMedia) -> list[Path]:
         path = out / f"{_file_stem(GRID_KEY, media)}.png"
         media.grid.save(path)
         written.append(path)
-    if media.rows:
-        path = out / f"{_file_stem(TABLE_KEY, media)}.csv"
+    for key, columns, rows in ((TABLE_KEY, media.columns, media.rows),
+                               (PLAN_KEY, media.plan_columns, media.plan_rows)):
+        if not rows:
+            continue
+        path = out / f"{_file_stem(key, media)}.csv"
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(media.columns)
-            writer.writerows(media.rows)
+            writer.writerow(columns)
+            writer.writerows(rows)
         written.append(path)
     if media.crm_shares:
         path = out / f"{_file_stem(CRM_CHART_KEY, media)}.png"

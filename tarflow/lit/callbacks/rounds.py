@@ -8,6 +8,7 @@ Metric keys (``<b>`` is the forward block id, ``<init>`` an initial guess "z" / 
     sampling/seconds        sampler wall time of the slowest rank for this round's set
     sampling/seconds_per_image, sampling/images, sampling/fallback
     sampling/speedup_vs_sequential, sampling/max_err_vs_sequential   (compare_sequential > 0)
+    sampling/plan_predicted_speedup, sampling/plan_seconds, sampling/plan_reused (schedule: auto)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from tarflow.eval import FeatureStats
 from tarflow.lit.callbacks.media import RoundMedia
 from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.sample_set import ConvergenceTrace, IterationTally
-from tarflow.sampling import SEQUENTIAL, BlockRank, SamplingSchedule
+from tarflow.sampling import SEQUENTIAL, BlockRank, Plan, SamplingSchedule
 
 
 @dataclass
@@ -40,6 +41,7 @@ class RoundResult:
         features: this rank's feature sums (FID rounds) or None.
         trace: the convergence trace of the first batch (rank zero) or None.
         compare: [seconds configured, seconds sequential, samples, max abs error].
+        plan: the planner's plan behind ``schedule`` (``schedule: auto``) or None.
     """
 
     ranking: list[BlockRank] | None
@@ -49,6 +51,7 @@ class RoundResult:
     features: FeatureStats | None
     trace: ConvergenceTrace | None
     compare: list[float]
+    plan: Plan | None = None
 
 
 def find_dataset(trainer: L.Trainer, split: str) -> Dataset | None:
@@ -97,7 +100,8 @@ def ranking_rows(ranking: list[BlockRank] | None, schedule: SamplingSchedule,
 
 
 def round_metrics(ranking: list[BlockRank] | None, tally: IterationTally, slowest: float,
-                  compare: list[float], max_err: float) -> dict[str, float]:
+                  compare: list[float], max_err: float,
+                  plan: Plan | None = None) -> dict[str, float]:
     """Scalar metrics of a round from values already summed over ranks.
 
     Args:
@@ -106,6 +110,7 @@ def round_metrics(ranking: list[BlockRank] | None, tally: IterationTally, slowes
         slowest: the largest per-rank sampler time.
         compare: [seconds configured, seconds sequential, samples] summed over ranks.
         max_err: max abs error vs sequential over ranks.
+        plan: the planner's plan (identical on every rank) or None.
     """
     metrics: dict[str, float] = {}
     for r in ranking or []:
@@ -121,6 +126,10 @@ def round_metrics(ranking: list[BlockRank] | None, tally: IterationTally, slowes
     metrics["sampling/seconds_per_image"] = tally.seconds_per_image
     metrics["sampling/images"] = float(tally.images)
     metrics["sampling/fallback"] = float(tally.fallback)
+    if plan is not None:
+        metrics["sampling/plan_predicted_speedup"] = plan.predicted_speedup
+        metrics["sampling/plan_seconds"] = plan.planning_seconds if plan.source != "cache" else 0.0
+        metrics["sampling/plan_reused"] = float(plan.source == "cache")
     fast, exact, count = compare[:3]
     if count > 0:
         metrics["sampling/speedup_vs_sequential"] = exact / max(fast, 1e-12)
@@ -137,8 +146,9 @@ def round_media(result: RoundResult, tally: IterationTally, grid: torch.Tensor |
         for b, (xs, ys) in result.trace.series().items():
             # A residual of exactly 0 (converged in float) would be -inf on a log axis.
             convergence[f"block {b}"] = (xs, [math.log10(max(r, 1e-30)) for r in ys])
+    plan_columns, plan_rows = result.plan.rows() if result.plan is not None else ([], [])
     return RoundMedia(
         step=step, epoch=epoch, grid=None if grid is None else image_grid(grid, nrow),
         caption=f"{sampler}: {result.schedule.describe()}", columns=columns, rows=rows,
         crm_shares={str(r.block): r.share for r in result.ranking or []},
-        convergence=convergence)
+        convergence=convergence, plan_columns=plan_columns, plan_rows=plan_rows)

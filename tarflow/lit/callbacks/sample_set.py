@@ -187,14 +187,16 @@ def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def save_shard(path: str | Path, batches: Sequence[SampledBatch]) -> Path:
+def save_shard(path: str | Path, batches: Sequence[SampledBatch], *, schedule: str = "") -> Path:
     """Write sampled batches as one ``.npz``: ``indices`` (n,), ``labels`` (n,) (empty for an
-    unconditional model) and ``images`` (n, C, H, W) float32 as sampled."""
+    unconditional model), ``images`` (n, C, H, W) float32 as sampled and ``schedule`` (the
+    schedule's text form, so every rank's shard says what it was sampled with)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     labels = [b.labels.cpu() for b in batches if b.labels is not None]
     images = [b.images.float().cpu() for b in batches]
     np.savez(path, indices=np.array([i for b in batches for i in b.indices], dtype=np.int64),
              labels=torch.cat(labels).numpy() if labels else np.zeros(0, np.int64),
-             images=torch.cat(images).numpy() if images else np.zeros(0, np.float32))
+             images=torch.cat(images).numpy() if images else np.zeros(0, np.float32),
+             schedule=np.array(schedule))
     return path

@@ -5,8 +5,10 @@ benchmarks, so the translation into ring-1 objects lives in one place. This modu
 Hydra nor OmegaConf: callers convert their config to plain containers first.
 
 A sampler dict has the keys ``name, schedule, tol, init, guidance, attn_temp, annealed, denoise,
-check_every, auto``; ``schedule`` is "sequential", "jacobi[:J]", the paper's "[Stack-GS-J-Else]"
-notation, an explicit per-block dict, or "auto" (chosen from a CRM/IGM ranking at run time).
+check_every, net_dtype, auto, planner``; ``schedule`` is "sequential", "jacobi[:J]", the paper's
+"[Stack-GS-J-Else]" notation, the explicit ``{block:setting, ...}`` form, an explicit per-block
+dict, "auto" (the planner: measured on the device and batch at run time, with a CRM/IGM ranking
+as its prior) or "auto:paper" (the paper's fixed rule applied to the ranking).
 """
 
 from __future__ import annotations
@@ -15,17 +17,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tarflow.lit.callbacks.sample_set import fixed_inputs
-from tarflow.model import TarFlow
-from tarflow.sampling import BlockRank, SamplingSchedule, build_schedule, schedule_from_ranking
-from tarflow.sampling.precision import parse_dtype
-from tarflow.sampling.tune import tune_segments
+from tarflow.model import Guidance, TarFlow
+from tarflow.sampling import (
+    BlockRank,
+    Plan,
+    PlanCache,
+    PlannerOptions,
+    SamplingSchedule,
+    build_schedule,
+    plan_key,
+    plan_schedule,
+    ranking_moved,
+    schedule_from_ranking,
+)
+from tarflow.sampling.planner import Timer
+from tarflow.sampling.precision import dtype_name
 
-AUTO = "auto"
+AUTO = "auto"  # the planner
+PAPER = "auto:paper"  # the paper's fixed CRM/IGM rule
 # Keys of the `auto` sub-dict, i.e. keyword arguments of schedule_from_ranking besides tol.
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
-KNOB_KEYS = ("guidance", "attn_temp", "annealed", "denoise", "check_every", "net_dtype")
-KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "tune_segments", *KNOB_KEYS))
+PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
+KNOB_KEYS = ("guidance", "attn_temp", "annealed", "denoise")
+KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "planner", "check_every",
+                        "net_dtype", *KNOB_KEYS))
+# Keys that existed once, with what replaced them (a clear error instead of "unknown key").
+RETIRED = {"tune_segments": "segment counts are now timed by the planner: use schedule: auto"}
 
 
 @dataclass(frozen=True)
@@ -34,15 +51,20 @@ class SamplerSettings:
 
     Attributes:
         name: display name (the config file's stem).
-        schedule: a ready :class:`SamplingSchedule`, or ``"auto"`` when it must come from a
-            ranking (see :meth:`resolve`).
+        schedule: a ready :class:`SamplingSchedule` (``check_every`` and ``net_dtype`` already
+            applied to its blocks), or ``"auto"`` / ``"auto:paper"`` when it must come from the
+            planner / the paper's rule at run time (see :meth:`schedule_for`).
         knobs: keyword arguments for :func:`tarflow.sampling.sample` (guidance, attn_temp,
-            annealed, denoise, check_every, net_dtype).
-        tol: Jacobi stopping tolerance (also used by the automatic schedule).
+            annealed, denoise).
+        tol: Jacobi stopping tolerance (also the planner's and the paper rule's).
         init: default initial guess.
-        auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``).
-        tune_segments: time 1/2/4/8 segments for the schedule's segmented (tough) blocks at the
-            sampling batch size and keep the fastest (:meth:`tune`); off by default.
+        auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``), used by
+            ``auto:paper``; its ``tough_factor`` is also the planner's prior.
+        net_dtype: a low-precision network dtype: fixed schedules run every Jacobi block in it;
+            the planner may use it where it measures faster (None: never).
+        planner: keyword arguments for :class:`PlannerOptions`.
+        check_every: convergence-test interval of fixed and ``auto:paper`` schedules (None: the
+            schedule's; the planner chooses its own).
     """
 
     name: str
@@ -51,37 +73,77 @@ class SamplerSettings:
     tol: float = 0.0
     init: str = "z"
     auto: dict[str, Any] = field(default_factory=dict)
-    tune_segments: bool = False
+    net_dtype: str | None = None
+    planner: dict[str, Any] = field(default_factory=dict)
+    check_every: int | None = None
 
     @property
     def is_auto(self) -> bool:
-        return isinstance(self.schedule, str) and self.schedule == AUTO
+        """Whether the schedule is decided at run time (and needs a CRM/IGM ranking)."""
+        return isinstance(self.schedule, str)
+
+    @property
+    def is_planned(self) -> bool:
+        return self.schedule == AUTO
+
+    @property
+    def guidance(self) -> Guidance:
+        k = self.knobs
+        return Guidance(k.get("guidance", 0.0), k.get("attn_temp", 1.0), k.get("annealed", False))
 
     def resolve(self, ranking: list[BlockRank] | None, num_patches: int) -> SamplingSchedule:
-        """The schedule to sample with: the configured one, or the one a ranking implies.
-
-        Args:
-            ranking: output of ``rank_blocks``; required when the schedule is "auto".
-            num_patches: N, the model's sequence length (caps the segment count).
+        """The schedule of a fixed or ``auto:paper`` sampler (the planner needs
+        :meth:`schedule_for`).
 
         Raises:
-            ValueError: "auto" without a ranking.
+            ValueError: a run-time schedule without a ranking, or "auto" (use schedule_for).
         """
         if not self.is_auto:
             return self.schedule
+        if self.is_planned:
+            raise ValueError("schedule 'auto' is planned by measuring: use schedule_for()")
         if ranking is None:
-            raise ValueError(f"sampler {self.name!r} uses schedule 'auto', which needs a CRM/IGM "
-                             f"ranking of the model's blocks on real images")
-        return schedule_from_ranking(ranking, num_patches, tol=self.tol, **self.auto)
+            raise ValueError(f"sampler {self.name!r} uses schedule {self.schedule!r}, which "
+                             f"needs a CRM/IGM ranking of the model's blocks on real images")
+        schedule = schedule_from_ranking(ranking, num_patches, tol=self.tol, **self.auto)
+        return _with_options(schedule, self.check_every, self.net_dtype)
 
-    def tune(self, net: TarFlow, schedule: SamplingSchedule, batch_size: int, *, seed: int = 0
-             ) -> tuple[SamplingSchedule, dict[int, float]]:
-        """``schedule`` with its tough blocks' segment count timed on this device at this batch
-        size (see ``tarflow.sampling.tune``), when ``tune_segments`` is on; else unchanged."""
-        if not self.tune_segments:
-            return schedule, {}
-        noise, y = fixed_inputs(net, range(max(1, batch_size)), seed)
-        return tune_segments(net, schedule, noise, y, **self.knobs)
+    def schedule_for(self, net: TarFlow, ranking: list[BlockRank] | None, batch_size: int, *,
+                     cache: PlanCache | None = None, weights: bool = True, seed: int = 0,
+                     timer: Timer | None = None) -> tuple[SamplingSchedule, Plan | None]:
+        """The schedule to sample ``batch_size`` at a time with, and the plan behind it.
+
+        For ``schedule: auto`` the plan comes from ``cache`` when one was made for the same key
+        (:func:`plan_key`: weights or architecture, device, batch, dtypes, tolerance, guidance)
+        and, for an architecture key, under a ranking that has not moved since
+        (:func:`ranking_moved`); otherwise it is measured (:func:`plan_schedule`) and stored.
+
+        Args:
+            weights: key on the weights' fingerprint (fixed weights: the CLIs) or only on the
+                architecture (training, where the ranking decides when to re-plan).
+            timer: the planner's cost override (tests), see :func:`plan_schedule`.
+        """
+        if not self.is_planned:
+            return self.resolve(ranking, net.config.num_patches), None
+        allowed = (self.net_dtype,) if self.net_dtype else ()
+        key = self.plan_key(net, batch_size, weights=weights)
+        shares = {r.block: r.share for r in ranking} if ranking else None
+        plan = cache.get(key) if cache is not None else None
+        tough = float(self.auto.get("tough_factor", 1.5))
+        if plan is None or ranking_moved(plan.shares, shares, tough_factor=tough):
+            options = PlannerOptions(**{"tough_factor": tough, **self.planner})
+            plan = plan_schedule(net, ranking, batch_size=batch_size, tol=self.tol,
+                                 guidance=self.guidance, net_dtypes=allowed, seed=seed,
+                                 options=options, timer=timer)
+            plan.key = key
+            if cache is not None:
+                cache.put(plan)
+        return plan.schedule, plan
+
+    def plan_key(self, net: TarFlow, batch_size: int, *, weights: bool = True) -> dict[str, Any]:
+        """The cache key of this sampler's plans for ``net`` at ``batch_size``."""
+        return plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
+                        net_dtypes=(self.net_dtype,) if self.net_dtype else (), weights=weights)
 
     def sequential_twin(self) -> SamplerSettings:
         """The same knobs with the exact sequential schedule (the reference for speed-ups)."""
@@ -102,35 +164,52 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         ValueError: unknown keys, or a schedule string the parser rejects.
     """
     cfg = dict(config or {})
+    retired = sorted(set(cfg) & set(RETIRED))
+    if retired:
+        raise ValueError(f"sampler option {retired[0]!r} was removed: {RETIRED[retired[0]]}")
     unknown = sorted(set(cfg) - KNOWN_KEYS)
     if unknown:
         raise ValueError(f"unknown sampler option(s) {unknown}; known: {sorted(KNOWN_KEYS)}")
-    auto_cfg = dict(cfg.get("auto") or {})
-    bad_auto = sorted(set(auto_cfg) - set(AUTO_KEYS))
-    if bad_auto:
-        raise ValueError(f"unknown sampler.auto option(s) {bad_auto}; known: {list(AUTO_KEYS)}")
+    auto_cfg = _sub_dict(cfg, "auto", AUTO_KEYS)
+    planner = _sub_dict(cfg, "planner", PLANNER_KEYS)
+    if "segments" in planner:
+        planner["segments"] = tuple(int(v) for v in planner["segments"])
+    PlannerOptions(**planner)  # bad values fail now, not at the first validation
     tol = float(cfg.get("tol") or 0.0)
     init = str(cfg.get("init") or "z")
+    # Validated now (a typo fails at start-up) and kept as a plain, serialisable string.
+    net_dtype = dtype_name(cfg.get("net_dtype"))
+    check_every = cfg.get("check_every")
     spec = cfg.get("schedule", "sequential")
-    if isinstance(spec, str) and spec.strip().lower() == AUTO:
-        schedule: SamplingSchedule | str = AUTO
+    if isinstance(spec, str) and spec.strip().lower() in (AUTO, PAPER):
+        schedule: SamplingSchedule | str = spec.strip().lower()
     else:
-        schedule = build_schedule(spec, init=init, tol=tol)
+        schedule = _with_options(build_schedule(spec, init=init, tol=tol), check_every,
+                                 net_dtype)
     knobs = {
         "guidance": float(cfg.get("guidance") or 0.0),
         "attn_temp": float(cfg.get("attn_temp", 1.0) or 1.0),
         "annealed": bool(cfg.get("annealed", False)),
         "denoise": float(cfg.get("denoise") or 0.0),
-        "check_every": int(cfg.get("check_every") or 1),
-        "net_dtype": _dtype_name(cfg.get("net_dtype")),
     }
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
-    return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg,
-                           bool(cfg.get("tune_segments", False)))
+    return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,
+                           None if check_every is None else int(check_every))
 
 
-def _dtype_name(value: Any) -> str | None:
-    """Validate ``net_dtype`` now (a typo fails at start-up, not at the first validation) and
-    keep it as a plain string so the knobs stay YAML/JSON-serialisable."""
-    dtype = parse_dtype(value)
-    return None if dtype is None else str(dtype).removeprefix("torch.")
+def _with_options(schedule: SamplingSchedule, check_every: int | None,
+                  net_dtype: str | None) -> SamplingSchedule:
+    """A fixed schedule with the config's test interval and network dtype on every block."""
+    if check_every is not None:
+        schedule = schedule.with_settings(check_every=int(check_every))
+    if net_dtype is not None:
+        schedule = schedule.with_settings(net_dtype=net_dtype)
+    return schedule
+
+
+def _sub_dict(cfg: dict[str, Any], key: str, known: tuple[str, ...]) -> dict[str, Any]:
+    sub = dict(cfg.get(key) or {})
+    bad = sorted(set(sub) - set(known))
+    if bad:
+        raise ValueError(f"unknown sampler.{key} option(s) {bad}; known: {list(known)}")
+    return sub

@@ -3,7 +3,11 @@
 Every ``every_n_epochs`` validations (never during the sanity check) :class:`SamplingCallback`
 
 1. ranks the blocks on a fixed probe batch of real images (CRM, CRM share, IGM per initial guess)
-   and, for ``schedule: auto``, derives the schedule from that ranking;
+   and, for ``schedule: auto``, asks the planner (rank zero measures, every rank receives the
+   plan). Plans are cached in ``plan_cache`` keyed by the architecture, device, batch and
+   settings, and reused across rounds until the CRM shares move materially (a block's share by
+   more than 10 points, or a change in which blocks are tough: ``ranking_moved``), so a run pays
+   for planning once or twice, not every round;
 2. samples a fixed set whose member ``i`` always starts from seed ``seed + i``, sharded over DDP
    ranks by index (the same set for any world size), with the configured sampler;
 3. on FID rounds, streams the samples through the feature extractor, adds the per-rank feature
@@ -49,7 +53,7 @@ from tarflow.lit.callbacks.sample_set import (
 )
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.model import TarFlow
-from tarflow.sampling import SamplingSchedule, rank_blocks, ranking_table, sample
+from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
 
 
 def _plain(value: Any) -> Any:
@@ -86,6 +90,8 @@ class SamplingCallback(Callback):
         extractor: a feature extractor to use instead of Inception (tests inject a small one).
         samples_dir: if set, each rank writes its shard (indices, labels, float images) to
             ``<samples_dir>/round<k>_rank<r>.npz``.
+        plan_cache: JSON file of the planner's plans (``schedule: auto``); None keeps them in
+            memory for this run only.
     """
 
     def __init__(self, sampler: Mapping[str, Any] | None = None, *, every_n_epochs: int = 1,
@@ -97,7 +103,7 @@ class SamplingCallback(Callback):
                  reference_split: str = "train", reference_size: int = 500,
                  reference_seed: int = 0, inception_weights: str | None = None,
                  fid_batch_size: int = 64, extractor: Callable | None = None,
-                 samples_dir: str | None = None) -> None:
+                 samples_dir: str | None = None, plan_cache: str | None = None) -> None:
         super().__init__()
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs={every_n_epochs} must be >= 1")
@@ -118,6 +124,7 @@ class SamplingCallback(Callback):
         self.inception_weights, self.fid_batch_size = inception_weights, int(fid_batch_size)
         self.extractor = extractor
         self.samples_dir = samples_dir
+        self.plan_cache = PlanCache(plan_cache)
         self.validations = 0  # non-sanity validations seen (saved in checkpoints)
         self._probe: torch.Tensor | None = None
         self._reference: FeatureStats | None = None
@@ -189,9 +196,21 @@ class SamplingCallback(Callback):
         net: TarFlow = pl_module.net
         device = pl_module.device
         total = self.num_samples if fid_due else max(1, min(self.grid_size, self.num_samples))
+        ranking, schedule, plan, error = None, None, None, None
+        try:  # phase 0: ranking on every rank; the schedule (planner) on rank zero only
+            ranking = self._rank(trainer, net)
+            if trainer.is_global_zero or not self.settings.is_planned:
+                schedule, plan = self.settings.schedule_for(
+                    net, ranking, self.batch_size, cache=self.plan_cache, weights=False,
+                    seed=self.seed, timer=self._planner_timer(trainer))
+        except Exception as err:
+            error = err
+        self._agree(trainer, device, error, "choosing the sampling schedule")
+        if self.settings.is_planned:  # every rank samples with rank zero's measured plan
+            schedule, plan = trainer.strategy.broadcast((schedule, plan), src=0)
         result, error = None, None
         try:  # phase 1: local work only, no collectives
-            result = self._local_round(trainer, net, total, fid_due)
+            result = self._local_round(trainer, net, total, fid_due, ranking, schedule, plan)
         except Exception as err:  # reported to every rank below
             error = err
         self._agree(trainer, device, error, "sampling")
@@ -226,7 +245,7 @@ class SamplingCallback(Callback):
             except Exception as err:
                 error = err
         fid = self._agree(trainer, device, error, "computing FID / logging media", [fid])[0]
-        metrics = round_metrics(result.ranking, tally, slowest, compare, max_err)
+        metrics = round_metrics(result.ranking, tally, slowest, compare, max_err, plan)
         if fid_due:
             metrics[self.fid_key] = fid
         # Phase 4: identical values on every rank; sync_dist keeps Lightning's bookkeeping
@@ -235,20 +254,9 @@ class SamplingCallback(Callback):
             pl_module.log(key, float(value), sync_dist=True)
         return metrics
 
-    def _local_round(self, trainer: L.Trainer, net: TarFlow, total: int,
-                     fid_due: bool) -> RoundResult:
+    def _local_round(self, trainer: L.Trainer, net: TarFlow, total: int, fid_due: bool,
+                     ranking, schedule: SamplingSchedule, plan: Plan | None) -> RoundResult:
         device = next(net.parameters()).device
-        ranking = self._rank(trainer, net)
-        schedule = self.settings.resolve(ranking, net.config.num_patches)
-        if self.settings.tune_segments:
-            # Timed on rank 0 only and broadcast: every rank must sample with one schedule.
-            if trainer.is_global_zero:
-                schedule, timings = self.settings.tune(net, schedule, self.batch_size,
-                                                       seed=self.seed)
-                rank_zero_info("segment tuning: " + ", ".join(
-                    f"S={S}: {t * 1e3:.1f} ms" for S, t in timings.items())
-                    + f" -> {schedule.describe()}")
-            schedule = trainer.strategy.broadcast(schedule, src=0)
         extractor = self._extractor(device) if fid_due else None
         if fid_due and trainer.is_global_zero and self._reference is None:
             self._reference = self._load_reference(trainer, extractor, device)
@@ -275,9 +283,9 @@ class SamplingCallback(Callback):
                 kept.append(SampledBatch(batch.indices, batch.labels, images.cpu(), batch.stats))
         if self.samples_dir:
             save_shard(Path(self.samples_dir) / f"round{self.validations:04d}_rank"
-                       f"{trainer.global_rank}.npz", kept)
+                       f"{trainer.global_rank}.npz", kept, schedule=schedule.describe())
         return RoundResult(ranking, schedule, tally, grid, features, trace,
-                           self._compare(net, schedule, shard))
+                           self._compare(net, schedule, shard), plan)
 
     def _compare(self, net: TarFlow, schedule: SamplingSchedule,
                  shard: list[int]) -> list[float]:
@@ -309,6 +317,11 @@ class SamplingCallback(Callback):
             raise RuntimeError(f"SamplingCallback: rank(s) {failed} failed while {what}; their "
                                f"traceback shows why")
         return vec[world:].tolist()
+
+    def _planner_timer(self, trainer: L.Trainer):
+        """A cost function replacing the planner's wall-clock timing, or None (the default).
+        An extension point for tests that need a plan they can predict."""
+        return None
 
     def _rank(self, trainer: L.Trainer, net: TarFlow):
         """CRM/IGM ranking on the fixed probe batch, or None when there is no probe data."""
@@ -358,6 +371,9 @@ class SamplingCallback(Callback):
             rank_zero_info(f"block ranking (epoch {trainer.current_epoch}):\n"
                            f"{ranking_table(result.ranking, result.schedule)}\n"
                            f"schedule: {result.schedule.describe()}")
+        if result.plan is not None:
+            rank_zero_info(f"sampling plan at batch {self.batch_size} (epoch "
+                           f"{trainer.current_epoch}):\n{result.plan.table()}")
         media = round_media(result, tally, grid, step=trainer.global_step,
                             epoch=trainer.current_epoch, sampler=self.settings.name,
                             nrow=self.grid_nrow)

@@ -1,0 +1,261 @@
+"""Sampling plans as data: what the planner chose per block, what it measured, and a JSON cache.
+
+A :class:`Plan` holds the :class:`SamplingSchedule` the planner returns plus the evidence behind
+it: for every block each candidate's measured seconds (a lower bound when the candidate was
+abandoned for running over budget), the predicted total, the sequential total and the planning
+cost. It round-trips through JSON, and :class:`PlanCache` keeps plans in one small JSON file keyed
+by what decides a plan (:func:`plan_key`), so a validation callback, ``tarflow-sample``,
+``tarflow-eval`` and ``tarflow-bench`` reuse one measurement.
+
+Two kinds of key. With fixed weights (the CLIs) the key holds a fingerprint of the weights, so a
+hit is the same model on the same device, batch and settings. During training the weights change
+every round, so the key holds the architecture instead and the plan stores the CRM shares it was
+made under; :func:`ranking_moved` says when the blocks' difficulty has moved enough to re-plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tarflow.model import Guidance, TarFlow
+from tarflow.sampling.schedule import SamplingSchedule, format_schedule, parse_schedule
+
+PLAN_VERSION = 1
+
+
+@dataclass
+class Candidate:
+    """One way to solve one block and what it cost on the probe batches.
+
+    Attributes:
+        label: the setting in the explicit schedule form (``seq``, ``S4/zeros/bf16``, ...).
+        seconds: per timed round, the measured wall time; an abandoned run records the time at
+            which it was stopped (a lower bound, see ``complete``).
+        complete: False when any timed run was stopped for exceeding the budget.
+        iters: network passes on the critical path in the last run (sequential: N - 1).
+    """
+
+    label: str
+    seconds: list[float] = field(default_factory=list)
+    complete: bool = True
+    iters: int = 0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.seconds) / len(self.seconds) if self.seconds else float("inf")
+
+    def describe(self) -> str:
+        ms = f"{self.mean * 1e3:.1f} ms"
+        runs = f" (x{len(self.seconds)})" if len(self.seconds) > 1 else ""
+        return (ms if self.complete else f">{ms}") + runs
+
+
+@dataclass
+class BlockPlan:
+    """The planner's decision for one (forward) block and the candidates behind it."""
+
+    block: int
+    choice: str
+    candidates: list[Candidate] = field(default_factory=list)
+
+    def cost(self, label: str) -> Candidate | None:
+        return next((c for c in self.candidates if c.label == label), None)
+
+
+@dataclass
+class Plan:
+    """A planned schedule with its evidence (see the module docstring).
+
+    Attributes:
+        schedule: the schedule to sample with.
+        blocks: per forward block, the choice and its candidates.
+        predicted_seconds: sum over blocks of the chosen candidates' mean seconds.
+        sequential_seconds: the same for the sequential loop (a lower bound when it was stopped
+            early in some block: see ``sequential_complete``).
+        planning_seconds: wall time spent planning (0 when loaded from a cache).
+        key: what decided the plan (:func:`plan_key`).
+        shares: CRM share per block (percent) of the ranking the plan was made under.
+        source: "planned" or "cache".
+    """
+
+    schedule: SamplingSchedule
+    blocks: list[BlockPlan]
+    predicted_seconds: float
+    sequential_seconds: float
+    sequential_complete: bool = True
+    planning_seconds: float = 0.0
+    key: dict[str, Any] = field(default_factory=dict)
+    shares: dict[int, float] | None = None
+    source: str = "planned"
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.sequential_seconds / max(self.predicted_seconds, 1e-12)
+
+    def summary(self) -> str:
+        """One line: schedule, predicted time and speed-up, planning cost or cache."""
+        bound = "" if self.sequential_complete else ">="
+        how = ("reused from cache" if self.source == "cache"
+               else f"planned in {self.planning_seconds:.2f} s")
+        return (f"plan {format_schedule(self.schedule)}: predicted "
+                f"{self.predicted_seconds * 1e3:.1f} ms per call, "
+                f"{bound}{self.predicted_speedup:.2f}x sequential ({how})")
+
+    def rows(self) -> tuple[list[str], list[list[Any]]]:
+        """Table of the plan: one row per block and candidate (the ``sampling/plan`` table)."""
+        columns = ["block", "candidate", "chosen", "mean_ms", "complete", "iters", "rounds"]
+        rows = [[bp.block, c.label, c.label == bp.choice, round(c.mean * 1e3, 3), c.complete,
+                 c.iters, len(c.seconds)]
+                for bp in sorted(self.blocks, key=lambda bp: -bp.block) for c in bp.candidates]
+        return columns, rows
+
+    def table(self) -> str:
+        """Plain text: per block (sampling order) the choice and every candidate's cost."""
+        lines = [self.summary(), f"{'block':>5}  {'choice':<16} candidates (mean per call)"]
+        for bp in sorted(self.blocks, key=lambda bp: -bp.block):
+            cands = ", ".join(f"{c.label} {c.describe()}" for c in bp.candidates)
+            lines.append(f"{bp.block:>5}  {bp.choice:<16} {cands}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": PLAN_VERSION, "schedule": format_schedule(self.schedule),
+                "blocks": [asdict(bp) for bp in self.blocks],
+                "predicted_seconds": self.predicted_seconds,
+                "sequential_seconds": self.sequential_seconds,
+                "sequential_complete": self.sequential_complete,
+                "planning_seconds": self.planning_seconds, "key": self.key,
+                "shares": None if self.shares is None else {str(b): v
+                                                            for b, v in self.shares.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "cache") -> Plan:
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')} is not {PLAN_VERSION}")
+        blocks = [BlockPlan(b["block"], b["choice"], [Candidate(**c) for c in b["candidates"]])
+                  for b in d["blocks"]]
+        shares = d.get("shares")
+        return cls(parse_schedule(d["schedule"]), blocks, float(d["predicted_seconds"]),
+                   float(d["sequential_seconds"]), bool(d.get("sequential_complete", True)),
+                   float(d.get("planning_seconds", 0.0)), dict(d.get("key") or {}),
+                   None if shares is None else {int(b): float(v) for b, v in shares.items()},
+                   source)
+
+
+# ------------------------------------------------------------------------------- keys
+def device_name(device: torch.device | str) -> str:
+    """What decides speed on a device: the GPU's name, or the CPU and its thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{torch.cuda.get_device_name(index)}"
+    cpu = platform.processor() or platform.machine()
+    try:  # platform.processor() is often empty on Linux; the model name is in /proc/cpuinfo
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{device.type}:{cpu}, {torch.get_num_threads()} threads"
+
+
+def fingerprint(model: TarFlow) -> str:
+    """A short hash of the weights: every tensor's name, shape, dtype and a strided sample of up to
+    4096 of its values (hashing every byte of a billion-parameter model would cost seconds)."""
+    h = hashlib.sha1()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
+             net_dtypes: tuple[str, ...] = (), weights: bool = True) -> dict[str, Any]:
+    """What decides a plan. ``weights=False`` keys on the architecture only (training, where a
+    plan is reused until :func:`ranking_moved` says otherwise)."""
+    param = next(model.parameters())
+    cfg = model.config
+    return {"model": f"weights:{fingerprint(model)}" if weights else f"config:{cfg.tag}",
+            "img": [cfg.img_size, cfg.in_channels, cfg.num_classes],
+            "device": device_name(param.device), "batch": int(batch_size),
+            "dtype": str(param.dtype).removeprefix("torch."),
+            "net_dtypes": sorted(net_dtypes), "tol": float(tol),
+            "guidance": [guidance.scale, guidance.attn_temp, guidance.annealed],
+            "torch": torch.__version__}
+
+
+def ranking_moved(then: dict[int, float] | None, now: dict[int, float] | None, *,
+                  threshold: float = 10.0, tough_factor: float = 1.5) -> bool:
+    """Whether the CRM shares moved enough to re-plan: any block's share by more than
+    ``threshold`` percentage points, or the set of tough blocks (share >= tough_factor x the
+    uniform share, the paper's rule) changed. Shares early in training drift by a few points
+    per round; a new tough block changes which blocks need segments at all."""
+    if then is None or now is None:
+        return False
+    if set(then) != set(now):
+        return True
+    uniform = 100.0 / max(len(now), 1)
+
+    def tough(shares: dict[int, float]) -> set[int]:
+        return {b for b, s in shares.items() if s >= tough_factor * uniform}
+
+    return (max(abs(then[b] - now[b]) for b in now) > threshold) or tough(then) != tough(now)
+
+
+class PlanCache:
+    """Plans in one JSON file, keyed by :func:`plan_key`; written atomically (temp + rename).
+
+    ``path=None`` keeps the plans in memory only (one process, e.g. a notebook or a test).
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._memory: dict[str, Any] = {}
+
+    @staticmethod
+    def _text(key: dict[str, Any]) -> str:
+        return json.dumps(key, sort_keys=True)
+
+    def _load(self) -> dict[str, Any]:
+        if self.path is None:
+            return self._memory
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError):
+            return {}  # an unreadable cache is a miss, never an error: plans can be remade
+        return data.get("plans", {}) if isinstance(data, dict) else {}
+
+    def get(self, key: dict[str, Any]) -> Plan | None:
+        raw = self._load().get(self._text(key))
+        if raw is None:
+            return None
+        try:
+            return Plan.from_dict(raw, source="cache")
+        except (KeyError, TypeError, ValueError):
+            return None  # an older or damaged entry: re-plan
+
+    def put(self, plan: Plan) -> None:
+        plans = self._load()
+        plans[self._text(plan.key)] = plan.to_dict()
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"version": PLAN_VERSION, "plans": plans}, f, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,369 @@
+"""The sampling planner: choose, per block, the fastest way to solve it on this device and batch.
+
+Blocks are solved one after another, so a sampling call costs the sum of its blocks' costs and
+each block can be decided on its own. For every block the planner times a few candidates on a
+probe batch *of the size that will be sampled*, on the device and in the dtype that will be used,
+and keeps the fastest:
+
+- the sequential loop (always a candidate, so a plan is never slower than sequential, up to
+  timing noise);
+- Jacobi (one segment) from the initial guess the IGM prefers;
+- for the blocks the CRM ranking marks tough (the paper's rule, the prior), GS-Jacobi with 2, 4,
+  8 ... segments, tried upwards from Jacobi while more segments keep getting faster (cost is
+  close to unimodal in S: few segments waste passes on unconverged tails, many pay a pass per
+  segment even where one would do);
+- each Jacobi structure also with a low-precision network where the caller allows one and a
+  short probe of single network passes shows it is faster at that segment length.
+
+All candidates stop at the same tolerance, so they are equally accurate. Each block is fed the
+output of the previous block's fastest candidate (what it will see when sampling), and the first
+probe round starts from fresh noise; later rounds use other noise and re-time only the close
+calls (within ``keep`` of the best), so a choice does not rest on one lucky draw.
+
+Cost control. Candidates of a block run best guess first: the previous block's winner, then
+Jacobi, then the sequential loop, then more segments. A candidate still running after ``margin``
+times the best time so far is stopped (through the solver's per-iteration callback), so a
+losing candidate costs at most ``margin`` x the winner. A plan therefore costs about (number of
+candidates per block + the re-timed rounds) x one sampling call: 3-8 calls in practice
+(``Plan.planning_seconds`` says; docs/benchmarks.md lists measured values). Plans are cached
+(``tarflow.sampling.plan.PlanCache``), so this is paid once per model, device and batch.
+
+How often to test convergence (``check_every``) follows from the same measurements: a test costs
+``t_test`` (a few small kernels and a host read, timed on tensors of the block's shape) and
+saves, against testing every k-th iteration, about ``(k - 1) / 2`` network passes of overshoot
+per segment; the best k is about sqrt(2 I t_test / t_pass) for I iterations per segment.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from tarflow.model import Guidance, TarFlow
+from tarflow.sampling.jacobi import convergence_test, gs_jacobi_block
+from tarflow.sampling.plan import BlockPlan, Candidate, Plan
+from tarflow.sampling.precision import dtype_name, network_copy
+from tarflow.sampling.ranking import BlockRank
+from tarflow.sampling.sample import _sync
+from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule, _short
+
+# timer(block, candidate, measured seconds) -> seconds to use. Tests inject costs through it.
+Timer = Callable[[int, BlockSchedule, float], float]
+
+
+class _OverBudget(Exception):
+    """Raised from a solver callback to abandon a candidate that is already too slow."""
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """Knobs of :func:`plan_schedule` (defaults are what the sampler configs use).
+
+    Attributes:
+        rounds: probe rounds (round 0 times every candidate, later rounds the close calls).
+        margin: abandon a candidate once it has run this many times the best time so far.
+        keep: re-time candidates within this factor of the best in later rounds.
+        segments: GS segment counts tried (upwards) for tough blocks.
+        tough_factor: the paper's rule: a block is tough when its CRM share is at least this
+            times the uniform share 100/T.
+        dtype_gain: a low-precision network is a candidate at a segment length only when one
+            pass there takes at most this fraction of a full-precision pass.
+        max_check_every: the largest convergence-test interval chosen.
+    """
+
+    rounds: int = 2
+    margin: float = 1.25
+    keep: float = 1.1
+    segments: tuple[int, ...] = (2, 4, 8, 16)
+    tough_factor: float = 1.5
+    dtype_gain: float = 0.95
+    max_check_every: int = 4
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.margin <= 1 or self.keep < 1:
+            raise ValueError("planner needs rounds >= 1, margin > 1 and keep >= 1")
+
+
+@torch.no_grad()
+def plan_schedule(model: TarFlow, ranking: list[BlockRank] | None, *, batch_size: int,
+                  tol: float, guidance: Guidance = Guidance(), net_dtypes: tuple[str, ...] = (),
+                  seed: int = 0, options: PlannerOptions = PlannerOptions(),
+                  timer: Timer | None = None) -> Plan:
+    """Measure and return the fastest per-block schedule for this model, device and batch.
+
+    Args:
+        model: the model, in eval mode, on the device and in the dtype that will sample.
+        ranking: CRM/IGM rows (``rank_blocks``): which blocks are tough, which initial guess
+            each prefers. None treats every block as tough, with the guess "z".
+        batch_size: the sampling batch (timing depends on it).
+        tol: stopping tolerance of every Jacobi candidate (the plan's accuracy).
+        guidance: the guidance that will be used (it doubles the network batch).
+        net_dtypes: low-precision network dtypes the caller allows (e.g. ("bfloat16",)).
+        seed: seed of the probe noise and labels.
+        options: search knobs (:class:`PlannerOptions`).
+        timer: replaces each measured time (tests inject costs); it also disables stopping
+            over-budget candidates, which relies on the wall clock.
+
+    Returns:
+        A :class:`Plan` (schedule, per-block candidates and costs, planning time).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    guidance.check(model.config.conditional)
+    return _Planner(model, ranking, batch_size, tol, guidance, net_dtypes, seed, options,
+                    timer).run()
+
+
+class _Planner:
+    """State of one planning run; see :func:`plan_schedule` and the module docstring."""
+
+    def __init__(self, model: TarFlow, ranking: list[BlockRank] | None, batch_size: int,
+                 tol: float, guidance: Guidance, net_dtypes: tuple[str, ...], seed: int,
+                 options: PlannerOptions, timer: Timer | None) -> None:
+        self.t_start = time.perf_counter()
+        self.model, self.ranking, self.batch = model, ranking, batch_size
+        self.tol, self.guidance, self.seed, self.opt, self.timer = (tol, guidance, seed,
+                                                                    options, timer)
+        self.N, self.T = model.config.num_patches, model.config.num_blocks
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.low = tuple(d for d in dict.fromkeys(dtype_name(d) for d in net_dtypes)
+                         if d is not None and d != dtype_name(self.dtype))
+        # Converted copies exist before anything is timed (a conversion is not a pass).
+        self.nets = {d: network_copy(model, getattr(torch, d)) for d in self.low}
+        self.table: dict[int, dict[str, Candidate]] = {b: {} for b in range(self.T)}
+        self.settings: dict[int, dict[str, BlockSchedule]] = {b: {} for b in range(self.T)}
+        self.speed: dict[tuple[str, str], float] = {}
+
+    # ------------------------------------------------------------------------- the search
+    def run(self) -> Plan:
+        noise, y = self.inputs(0)
+        self.speed = _dtype_speeds(self.model, self.nets, noise, y, self.guidance)
+        ranks = {r.block: r for r in self.ranking or []}
+        alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
+        winner: BlockSchedule | None = None
+        for r in range(self.opt.rounds):
+            if alive is not None:
+                alive = {b: self.close(b, labels) for b, labels in alive.items()}
+                if all(len(labels) == 1 for labels in alive.values()):
+                    break  # no close calls left to settle
+                noise, y = self.inputs(r)
+            x = noise
+            for block in reversed(self.model.blocks):
+                b = block.index
+                rank = ranks.get(b)
+                base = BlockSchedule(1, None, rank.best_init if rank else "z", self.tol)
+                self.best, self.best_out, self.best_cand = math.inf, None, None
+                if alive is not None:  # later rounds: the close calls only, best first
+                    for label in alive[b]:
+                        self.try_candidate(block, x, y, self.settings[b][label])
+                else:
+                    for cand in self.first_candidates(base, winner):
+                        self.try_candidate(block, x, y, cand)
+                    tough = rank is None or rank.share >= (self.opt.tough_factor * 100.0
+                                                           / self.T)
+                    if tough:
+                        self.walk_segments(block, x, y, base)
+                winner, x = self.best_cand, self.best_out
+            if alive is None:
+                alive = {b: list(self.table[b]) for b in range(self.T)}
+        return self.plan({b: self.close(b, labels)[0] for b, labels in alive.items()}, noise)
+
+    def inputs(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Probe noise and labels of round ``r`` (other noise every round)."""
+        cfg = self.model.config
+        g = torch.Generator().manual_seed(self.seed + 7919 * r)
+        noise = self.model.sample_noise(self.batch, generator=g, dtype=torch.float32)
+        y = torch.randint(cfg.num_classes, (self.batch,), generator=g) if cfg.conditional else None
+        return noise.to(self.device, self.dtype), None if y is None else y.to(self.device)
+
+    def try_candidate(self, block, x: torch.Tensor, y, cand: BlockSchedule) -> None:
+        """Time one candidate (stopped past ``margin`` x the best so far) and record it."""
+        b, label = block.index, self.label(cand)
+        self.settings[b][label] = cand
+        entry = self.table[b].setdefault(label, Candidate(label))
+        budget = (None if self.timer is not None or math.isinf(self.best)
+                  else self.opt.margin * self.best)
+        net = self.nets.get(cand.net_dtype)
+        seconds, out, iters = _measure(block, x, y, cand, self.guidance,
+                                       None if net is None else net.blocks[b], budget)
+        if self.timer is not None:
+            seconds = self.timer(b, cand, seconds)
+        entry.seconds.append(seconds)
+        if out is None:
+            entry.complete = False
+            return
+        entry.iters = iters
+        if seconds < self.best:
+            self.best, self.best_out, self.best_cand = seconds, out, cand
+
+    def first_candidates(self, base: BlockSchedule, winner: BlockSchedule | None
+                         ) -> list[BlockSchedule]:
+        """Jacobi in each worthwhile dtype and the sequential loop; the previous block's winning
+        kind first (the likeliest winner here, and a tight budget for the rest)."""
+        order = [replace(base, net_dtype=d) for d in self.dtypes_for(1)]
+        order.append(BlockSchedule(SEQUENTIAL, None, "z", self.tol))  # no guess, no network copy
+        if winner is not None:
+            guess = (order[-1] if winner.segments == SEQUENTIAL
+                     else replace(base, net_dtype=winner.net_dtype))
+            if guess in order:
+                order.remove(guess)
+                order.insert(0, guess)
+        return order
+
+    def walk_segments(self, block, x: torch.Tensor, y, base: BlockSchedule) -> None:
+        """More segments, upwards from Jacobi, per dtype, while each step is faster."""
+        entries = self.table[block.index]
+        for d in dict.fromkeys(self.dtypes_for(2) + self.dtypes_for(8)):
+            prev = entries.get(self.label(replace(base, net_dtype=d)))
+            for S in (s for s in self.opt.segments if 1 < s <= self.N // 2):
+                if d not in self.dtypes_for(S):
+                    continue
+                cand = replace(base, segments=S, net_dtype=d)
+                self.try_candidate(block, x, y, cand)
+                now = entries[self.label(cand)]
+                if not now.complete or (prev is not None and now.mean >= prev.mean):
+                    break
+                prev = now
+
+    def dtypes_for(self, S: int) -> list[str | None]:
+        """Network dtypes worth timing for segments of about N/S tokens: every low dtype whose
+        pass there is faster by ``dtype_gain``, and full precision unless one is faster by 25%
+        or more (then full precision cannot win: the iterations are the same)."""
+        length = "long" if S <= 2 else "short"
+        faster = [d for d in self.low if self.speed[(d, length)] <= self.opt.dtype_gain]
+        clearly = any(self.speed[(d, length)] <= 0.75 for d in faster)
+        return ([] if clearly else [None]) + faster
+
+    def close(self, b: int, labels: list[str]) -> list[str]:
+        """Complete candidates within ``keep`` of the best mean, best first."""
+        entries = self.table[b]
+        done = sorted((lb for lb in labels if entries[lb].complete),
+                      key=lambda lb: entries[lb].mean)
+        return [lb for lb in done if entries[lb].mean <= self.opt.keep * entries[done[0]].mean]
+
+    def label(self, cand: BlockSchedule) -> str:
+        return _short(cand, self.tol)
+
+    # ------------------------------------------------------------------------- the result
+    def plan(self, choice: dict[int, str], noise: torch.Tensor) -> Plan:
+        chosen = {b: self.settings[b][label] for b, label in choice.items()}
+        predicted = sum(self.table[b][label].mean for b, label in choice.items())
+        chosen = _with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
+                                     noise, self.tol, self.opt.max_check_every)
+        blocks = [BlockPlan(b, self.label(chosen[b]), list(self.table[b].values()))
+                  for b in range(self.T)]
+        seq = [self.table[b].get("seq") for b in range(self.T)]
+        return Plan(_as_schedule(chosen), blocks, predicted,
+                    sum(c.mean for c in seq if c is not None),
+                    all(c is not None and c.complete for c in seq),
+                    planning_seconds=time.perf_counter() - self.t_start,
+                    shares={r.block: r.share for r in self.ranking} if self.ranking else None)
+
+
+def _as_schedule(chosen: dict[int, BlockSchedule]) -> SamplingSchedule:
+    """Per-block choices as a schedule whose default is the most common choice."""
+    settings = list(chosen.values())
+    default = max(settings, key=settings.count)
+    return SamplingSchedule({b: s for b, s in chosen.items() if s != default}, default)
+
+
+# ------------------------------------------------------------------------------ measuring
+def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance, net,
+             budget: float | None) -> tuple[float, torch.Tensor | None, int]:
+    # net: the low-precision copy of this block, or None
+    """(seconds, block output or None if abandoned, critical-path passes) of one candidate."""
+    N = block.num_patches
+    _sync(x.device)
+    t0 = time.perf_counter()
+    deadline = None if budget is None else t0 + budget
+
+    def stop_if_late(_info=None) -> None:
+        if time.perf_counter() > deadline:
+            raise _OverBudget
+
+    callback = None if deadline is None else stop_if_late
+    try:
+        if cand.is_sequential(N):
+            out, iters = block.reverse(x, y, guidance=guidance, callback=callback), N - 1
+        else:
+            out, stats = gs_jacobi_block(block, x, y, cand, guidance=guidance,
+                                         callback=callback, net=net)
+            iters = stats.total_iters
+    except _OverBudget:
+        return time.perf_counter() - t0, None, 0
+    _sync(x.device)
+    return time.perf_counter() - t0, out, iters
+
+
+def _dtype_speeds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, y,
+                  guidance: Guidance) -> dict[tuple[str, str], float]:
+    """Time of one network pass in each low dtype relative to full precision, for a long
+    (N - 1 tokens: Jacobi) and a short (N / 8 tokens: GS) feed of the first sampled block at
+    the sampling batch. Also warms up the kernels the candidates use (a single-token feed for
+    the sequential loop), so that no candidate pays a first call."""
+    block = model.blocks[-1]
+    B, N = noise.shape[:2]
+    feeds = {"long": (0, N - 1), "short": (N - 1 - max(1, N // 8), N - 1),
+             "one": (N - 2, N - 1)}
+    rows = B * (2 if guidance.active else 1)
+    times: dict[tuple[str | None, str], float] = {}
+    for d, net in [(None, model), *nets.items()]:
+        nb = net.blocks[block.index]
+        ndtype = next(nb.parameters()).dtype
+        cache = nb.new_cache(rows, dtype=ndtype, device=noise.device)
+        cond = nb.class_bias(guidance.labels(y, B, noise.device))
+        q_scale = guidance.q_scale(B, noise.device, ndtype)
+        for length, (s, e) in feeds.items():
+            fed = guidance.expand(noise[:, s:e]).to(ndtype)
+            samples = []
+            for rep in range(3):  # the first call warms up
+                _sync(noise.device)
+                t0 = time.perf_counter()
+                nb.predict(fed, cond=cond, start=s, cache=cache, q_scale=q_scale)
+                _sync(noise.device)
+                if rep:
+                    samples.append(time.perf_counter() - t0)
+            times[(d, length)] = min(samples)
+    return {(d, length): times[(d, length)] / times[(None, length)]
+            for (d, length) in times if d is not None}
+
+
+def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candidate],
+                        noise: torch.Tensor, tol: float, max_every: int
+                        ) -> dict[int, BlockSchedule]:
+    """Set each Jacobi block's ``check_every`` from its measured pass and test costs."""
+    if tol <= 0:
+        return chosen  # at tol = 0 only the cap is tested anyway
+    N = noise.shape[1]
+    out = {}
+    for b, s in chosen.items():
+        entry = timed[b]
+        if s.is_sequential(N) or entry.iters <= 0:
+            out[b] = s
+            continue
+        S = len(s.boundaries(N)) - 1
+        L = max(1, N // S)
+        t_pass = entry.mean / entry.iters
+        t_test = _test_seconds(noise[:, :L], tol)
+        per_segment = entry.iters / S
+        k = round(math.sqrt(2 * per_segment * t_test / max(t_pass, 1e-12)))
+        out[b] = replace(s, check_every=max(1, min(max_every, k)))
+    return out
+
+
+def _test_seconds(segment: torch.Tensor, tol: float) -> float:
+    """Median wall time of one convergence test on a segment of this shape."""
+    delta = segment * 1e-3
+    samples = []
+    for _ in range(5):
+        _sync(segment.device)
+        t0 = time.perf_counter()
+        convergence_test(delta, segment, tol, True)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)

@@ -1,0 +1,67 @@
+"""The planner inside validation: cached across rounds, logged, and the same on every DDP rank."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tarflow.lit.callbacks.sampling import SamplingCallback
+from tarflow.sampling import SEQUENTIAL, BlockSchedule
+from tests.integration.test_sampling_callback import (
+    SAMPLER,
+    tiny_callback,
+    tiny_data,
+    tiny_module,
+    trainer,
+)
+
+
+def test_rounds_reuse_the_cached_plan_and_log_it(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    cache = tmp_path / "run" / "sampling_plans.json"
+    cb = tiny_callback(tmp_path, fid_stats_path=None, plan_cache=str(cache))
+    logger = CSVLogger(str(tmp_path / "csv"), name="", version="run")
+    trainer(tmp_path, [cb], max_epochs=3, num_sanity_val_steps=0, logger=logger).fit(
+        tiny_module(), tiny_data())
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "run" / "metrics.csv")))
+    reused = [float(r["sampling/plan_reused"]) for r in rows if r.get("sampling/plan_reused")]
+    planned = [float(r["sampling/plan_seconds"]) for r in rows if r.get("sampling/plan_seconds")]
+    # Three rounds of a barely trained model: its ranking hardly moves, so one plan serves all.
+    assert reused == [0.0, 1.0, 1.0] and planned[0] > 0 and planned[1:] == [0.0, 0.0]
+    plans = json.loads(cache.read_text())["plans"]
+    assert len(plans) == 1
+    (key, plan), = plans.items()
+    assert json.loads(key)["model"].startswith("config:")  # training keys the architecture
+    assert json.loads(key)["batch"] == cb.batch_size and plan["shares"]
+
+
+class BiasedCost:
+    """Costs that differ by rank: rank 0 finds the sequential loop cheapest, rank 1 Jacobi."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    def __call__(self, block: int, cand: BlockSchedule, seconds: float) -> float:
+        cheap = cand.segments == SEQUENTIAL if self.rank == 0 else cand.segments == 1
+        return 1.0 if cheap else 5.0
+
+
+class RankBiased(SamplingCallback):
+    def _planner_timer(self, trainer):
+        return BiasedCost(trainer.global_rank)
+
+
+def test_ddp_ranks_sample_with_rank_zeros_plan(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    cb = tiny_callback(tmp_path, RankBiased, num_samples=6, batch_size=3, samples_dir=str(out),
+                       compare_sequential=0, fid_stats_path=None)
+    assert cb.settings.schedule == SAMPLER["schedule"] == "auto"
+    trainer(tmp_path, [cb], devices=2, strategy="ddp_spawn").validate(tiny_module(), tiny_data(),
+                                                                      verbose=False)
+    schedules = {str(np.load(p)["schedule"]) for p in out.glob("*.npz")}
+    assert len(list(out.glob("*.npz"))) == 2
+    assert schedules == {"{else:seq} tol=1e-05"}  # rank 0's plan, although rank 1 would differ
