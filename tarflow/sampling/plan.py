@@ -104,8 +104,9 @@ class Plan:
     def summary(self) -> str:
         """One line: schedule, predicted time and speed-up, planning cost or cache."""
         bound = "" if self.sequential_complete else ">="
+        calls = self.planning_seconds / max(self.predicted_seconds, 1e-12)
         how = ("reused from cache" if self.source == "cache"
-               else f"planned in {self.planning_seconds:.2f} s")
+               else f"planned in {self.planning_seconds:.2f} s = {calls:.1f} calls")
         return (f"plan {format_schedule(self.schedule)}: predicted "
                 f"{self.predicted_seconds * 1e3:.1f} ms per call, "
                 f"{bound}{self.predicted_speedup:.2f}x sequential ({how})")

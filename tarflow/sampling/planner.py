@@ -50,7 +50,7 @@ from tarflow.sampling.plan import BlockPlan, Candidate, Plan
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.ranking import BlockRank
 from tarflow.sampling.sample import _sync
-from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule, _short
+from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule, format_block
 
 # timer(block, candidate, measured seconds) -> seconds to use. Tests inject costs through it.
 Timer = Callable[[int, BlockSchedule, float], float]
@@ -138,12 +138,12 @@ class _Planner:
         self.nets = {d: network_copy(model, getattr(torch, d)) for d in self.low}
         self.table: dict[int, dict[str, Candidate]] = {b: {} for b in range(self.T)}
         self.settings: dict[int, dict[str, BlockSchedule]] = {b: {} for b in range(self.T)}
-        self.speed: dict[tuple[str, str], float] = {}
+        self.pass_seconds: dict[tuple[str | None, str], float] = {}
 
     # ------------------------------------------------------------------------- the search
     def run(self) -> Plan:
         noise, y = self.inputs(0)
-        self.speed = _dtype_speeds(self.model, self.nets, noise, y, self.guidance)
+        self.pass_seconds = _pass_seconds(self.model, self.nets, noise, y, self.guidance)
         ranks = {r.block: r for r in self.ranking or []}
         alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
         winner: BlockSchedule | None = None
@@ -163,10 +163,10 @@ class _Planner:
                     for label in alive[b]:
                         self.try_candidate(block, x, y, self.settings[b][label])
                 else:
-                    for cand in self.first_candidates(base, winner):
-                        self.try_candidate(block, x, y, cand)
                     tough = rank is None or rank.share >= (self.opt.tough_factor * 100.0
                                                            / self.T)
+                    for cand in self.first_candidates(base, winner, tough):
+                        self.try_candidate(block, x, y, cand)
                     if tough:
                         self.walk_segments(block, x, y, base)
                 winner, x = self.best_cand, self.best_out
@@ -202,18 +202,25 @@ class _Planner:
         if seconds < self.best:
             self.best, self.best_out, self.best_cand = seconds, out, cand
 
-    def first_candidates(self, base: BlockSchedule, winner: BlockSchedule | None
-                         ) -> list[BlockSchedule]:
-        """Jacobi in each worthwhile dtype and the sequential loop; the previous block's winning
-        kind first (the likeliest winner here, and a tight budget for the rest)."""
+    def first_candidates(self, base: BlockSchedule, winner: BlockSchedule | None,
+                         tough: bool) -> list[BlockSchedule]:
+        """Jacobi in each worthwhile dtype and the sequential loop, likeliest winner first (it
+        sets a tight budget for the rest): the previous block's winning kind, or for the first
+        block the cheaper by a prior estimate from the pass probe, N - 1 single-token steps
+        against 8 (tough block) or 4 full passes."""
         order = [replace(base, net_dtype=d) for d in self.dtypes_for(1)]
-        order.append(BlockSchedule(SEQUENTIAL, None, "z", self.tol))  # no guess, no network copy
+        seq = BlockSchedule(SEQUENTIAL, None, "z", self.tol)  # no guess, no network copy
+        order.append(seq)
         if winner is not None:
-            guess = (order[-1] if winner.segments == SEQUENTIAL
-                     else replace(base, net_dtype=winner.net_dtype))
-            if guess in order:
-                order.remove(guess)
-                order.insert(0, guess)
+            guess = seq if winner.segments == SEQUENTIAL else replace(
+                base, net_dtype=winner.net_dtype)
+        else:
+            steps = (self.N - 1) * self.pass_seconds[(None, "one")]
+            passes = (8 if tough else 4) * self.pass_seconds[(None, "long")]
+            guess = seq if steps < passes else order[0]
+        if guess in order:
+            order.remove(guess)
+            order.insert(0, guess)
         return order
 
     def walk_segments(self, block, x: torch.Tensor, y, base: BlockSchedule) -> None:
@@ -236,8 +243,10 @@ class _Planner:
         pass there is faster by ``dtype_gain``, and full precision unless one is faster by 25%
         or more (then full precision cannot win: the iterations are the same)."""
         length = "long" if S <= 2 else "short"
-        faster = [d for d in self.low if self.speed[(d, length)] <= self.opt.dtype_gain]
-        clearly = any(self.speed[(d, length)] <= 0.75 for d in faster)
+        ref = self.pass_seconds[(None, length)]
+        ratio = {d: self.pass_seconds[(d, length)] / ref for d in self.low}
+        faster = [d for d in self.low if ratio[d] <= self.opt.dtype_gain]
+        clearly = any(ratio[d] <= 0.75 for d in faster)
         return ([] if clearly else [None]) + faster
 
     def close(self, b: int, labels: list[str]) -> list[str]:
@@ -248,7 +257,7 @@ class _Planner:
         return [lb for lb in done if entries[lb].mean <= self.opt.keep * entries[done[0]].mean]
 
     def label(self, cand: BlockSchedule) -> str:
-        return _short(cand, self.tol)
+        return format_block(cand, self.tol)
 
     # ------------------------------------------------------------------------- the result
     def plan(self, choice: dict[int, str], noise: torch.Tensor) -> Plan:
@@ -301,12 +310,12 @@ def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance,
     return time.perf_counter() - t0, out, iters
 
 
-def _dtype_speeds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, y,
-                  guidance: Guidance) -> dict[tuple[str, str], float]:
-    """Time of one network pass in each low dtype relative to full precision, for a long
-    (N - 1 tokens: Jacobi) and a short (N / 8 tokens: GS) feed of the first sampled block at
-    the sampling batch. Also warms up the kernels the candidates use (a single-token feed for
-    the sequential loop), so that no candidate pays a first call."""
+def _pass_seconds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, y,
+                  guidance: Guidance) -> dict[tuple[str | None, str], float]:
+    """Seconds of one network pass of the first sampled block at the sampling batch, per
+    network dtype (None: full precision) and feed: "long" (N - 1 tokens: Jacobi), "short"
+    (N / 8 tokens: GS) and "one" (a sequential step). Also warms up the kernels the candidates
+    use, so that no candidate pays a first call."""
     block = model.blocks[-1]
     B, N = noise.shape[:2]
     feeds = {"long": (0, N - 1), "short": (N - 1 - max(1, N // 8), N - 1),
@@ -330,8 +339,7 @@ def _dtype_speeds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor,
                 if rep:
                     samples.append(time.perf_counter() - t0)
             times[(d, length)] = min(samples)
-    return {(d, length): times[(d, length)] / times[(None, length)]
-            for (d, length) in times if d is not None}
+    return times
 
 
 def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candidate],

@@ -90,6 +90,7 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
         raise ValueError(f"noise must be (B, {cfg.num_patches}, {cfg.token_dim}) for "
                          f"{cfg.tag}, got {tuple(noise.shape)}")
     stats = SampleStats(schedule=schedule.describe())
+    twins: dict[str, TarFlow] = {}  # low-precision copies used by this call, looked up once
     _sync(noise.device)
     t_all = time.perf_counter()
     x = noise
@@ -103,9 +104,13 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
                             sample_iters=torch.full((x.shape[0],), n, device=x.device),
                             residual=torch.zeros(x.shape[0], device=x.device))
         else:
+            low = settings.net_dtype
+            if low == dtype_name(noise.dtype):
+                low = None
+            if low is not None and low not in twins:
+                twins[low] = network_copy(model, getattr(torch, low))
             x, st = gs_jacobi_block(block, x, y, settings, guidance=g, callback=callback,
-                                    net=_network(model, block.index, settings.net_dtype,
-                                                 noise.dtype))
+                                    net=None if low is None else twins[low].blocks[block.index])
         _sync(noise.device)
         st.seconds = time.perf_counter() - t0
         stats.blocks[block.index] = st
@@ -116,14 +121,6 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     _sync(noise.device)
     stats.seconds = time.perf_counter() - t_all
     return images, stats
-
-
-def _network(model: TarFlow, index: int, net_dtype: str | None, dtype: torch.dtype):
-    """The block that runs block ``index``'s Jacobi passes: a cached low-precision copy, or None
-    (the block itself)."""
-    if net_dtype is None or net_dtype == dtype_name(dtype):
-        return None
-    return network_copy(model, getattr(torch, net_dtype)).blocks[index]
 
 
 def sample_sequential(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,

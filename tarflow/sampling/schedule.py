@@ -268,15 +268,17 @@ def format_schedule(schedule: SamplingSchedule) -> str:
         return f"[{'/'.join(map(str, ids))}-{join(gs)}-{join(its)}-{d.max_iters}]"
     tols = {s.tol for s in every}
     uniform = tols.pop() if len(tols) == 1 else None
-    parts = [f"{b}:{_short(s, uniform)}" for b, s in sorted(schedule.blocks.items()) if s != d]
-    parts.append(f"else:{_short(d, uniform)}")
+    parts = [f"{b}:{format_block(s, uniform)}"
+             for b, s in sorted(schedule.blocks.items()) if s != d]
+    parts.append(f"else:{format_block(d, uniform)}")
     tail = "" if uniform is None else f" tol={uniform!r}"
     return "{" + ", ".join(parts) + "}" + tail
 
 
-def _short(s: BlockSchedule, uniform_tol: float | None) -> str:
-    """One block's setting in the explicit form; options only where they differ from the
-    defaults, so ``_parse_setting`` reads it back to the same BlockSchedule."""
+def format_block(s: BlockSchedule, uniform_tol: float | None) -> str:
+    """One block's setting in the explicit form (``S4/zeros/bf16``, ``seq``); options only
+    where they differ from the defaults (and the tol only when it is not ``uniform_tol``), so
+    ``_parse_setting`` reads it back to the same BlockSchedule."""
     text = "seq" if s.segments == SEQUENTIAL else f"S{s.segments}"
     text += "" if s.max_iters is None else f"xJ{s.max_iters}"
     options = [s.init] if s.init != "z" else []
