@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     StopAfterEpochs,
     compose_train,
 )
+from tests.reliability.helpers import csv_losses
 
 
 def test_fast_dev_run(tmp_path: Path) -> None:
@@ -144,8 +145,15 @@ def test_wandb_offline_run_id_stable(resume_runs: dict) -> None:
     assert all(r.name.endswith(run_id) or r.name.endswith(f"{run_id}-1") for r in runs)
     ckpt = torch.load(resume_runs["resumed"]["last_ckpt"], weights_only=True)
     assert ckpt["tarflow"]["run_id"] == run_id
-    # The CSV logger beside W&B keeps both launches' metrics (version_0, version_1).
-    assert len(list((run_dir / "csv").glob("version_*/metrics.csv"))) == 2
+    # One CSV folder across the resume: the resumed launch appended to the first one's file
+    # (steps 0-3, then 4-7), and each launch's hyper-parameters were kept.
+    files = list((run_dir / "csv").glob("version_*/metrics.csv"))
+    assert [f.parent.name for f in files] == ["version_0"], files
+    assert sorted(csv_losses(files[0])) == list(range(8))
+    assert sorted(p.name for p in files[0].parent.glob("hparams*.yaml")) == [
+        "hparams.yaml",
+        "hparams_1.yaml",
+    ]
 
 
 def test_wandb_failure_falls_back_to_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

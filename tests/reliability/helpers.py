@@ -111,9 +111,15 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def csv_losses(metrics_csv: Path) -> dict[int, str]:
-    """``{logger step: train/loss}`` of a CSVLogger file, values kept as the written text so
-    equality is bit-exact (the float repr round-trips)."""
+def csv_loss_rows(metrics_csv: Path) -> list[tuple[int, str]]:
+    """``(logger step, train/loss)`` rows of a CSVLogger file in file order, values kept as the
+    written text so equality is bit-exact (the float repr round-trips)."""
     with open(metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+    return [(int(r["step"]), r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def csv_losses(metrics_csv: Path) -> dict[int, str]:
+    """``{logger step: train/loss}`` of a CSVLogger file (a step logged twice, as after a
+    resume, keeps its later row)."""
+    return dict(csv_loss_rows(metrics_csv))
