@@ -28,6 +28,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.cli.logs import job_log
+from tarflow.cli.runs import save_records
 from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
 from tarflow.data import build_dataset, uniform_dequantize
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
@@ -124,6 +126,7 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns the results dict (also written to ``eval.json``)."""
+    save_records(cfg)
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
     data = OmegaConf.to_container(cfg.data, resolve=True)
     progress = bool(cfg.get("progress", True))
@@ -152,7 +155,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Returns the ``optimized_metric`` for Hydra sweepers."""
-    with one_line_errors():  # a missing or broken checkpoint is one line, not a traceback
+    # A missing or broken checkpoint is one line, not a traceback; printed lines go to
+    # evaluate.log.
+    with one_line_errors(), job_log():
         results = run(cfg)
     key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
     value = results.get(key)

@@ -31,6 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.cli.logs import job_log
+from tarflow.cli.runs import save_records
 from tarflow.eval import images_to_uint8
 from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.reference import fixed_subset, stack_items
@@ -125,6 +127,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fmt = str(cfg.get("format", "png"))
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} must be one of {FORMATS}")
+    save_records(cfg)
     settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
     probe = OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)
@@ -178,7 +181,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")
 def _hydra_main(cfg: DictConfig) -> None:
-    with one_line_errors():  # a missing or broken checkpoint is one line, not a traceback
+    # A missing or broken checkpoint is one line, not a traceback; printed lines go to sample.log.
+    with one_line_errors(), job_log():
         run(cfg)
 
 

@@ -7,7 +7,8 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +110,37 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]
         out, err = proc.communicate()
         pytest.fail(f"child {proc.args[:4]} still running after {timeout} s:\n{err[-3000:]}")
     return proc.returncode, out, err
+
+
+def run_cli(command: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 240) -> CliResult:
+    """``python -m tarflow.cli.<command> <args>`` in a fresh interpreter, as a user runs it."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"tarflow.cli.{command}", *args],
+            cwd=cwd,
+            env=env or subprocess_env(cwd / "wandb_home"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"tarflow.cli.{command} still running after {timeout} s: {err.stderr}")
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_clis(calls: Sequence[tuple[str, Sequence[str]]], *, cwd: Path,
+             workers: int = 2) -> list[CliResult]:
+    """Several independent command lines, two at a time (each is mostly interpreter start-up)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(run_cli, command, *args, cwd=cwd) for command, args in calls]
+        return [job.result() for job in jobs]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (hidden ones too) with its bytes (None for directories)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
 
 
 def csv_loss_rows(metrics_csv: Path) -> list[tuple[int, str]]:
