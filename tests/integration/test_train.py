@@ -102,6 +102,11 @@ def test_checkpoint_holds_ema_weights(resume_runs: dict) -> None:
     ckpt = torch.load(resume_runs["full"]["last_ckpt"], weights_only=True)
     assert ckpt["tarflow"]["weights"] == "ema"
     assert ckpt["tarflow"]["config"] == ckpt["hyper_parameters"]["model"]
+    # The training data's identity, for tarflow-eval's default data.
+    data = ckpt["tarflow"]["data"]
+    assert data == ckpt["hyper_parameters"]["data"]
+    assert (data["name"], data["img_size"], data["channels"], data["num_classes"]) == (
+        "fake", 8, 1, 0)
     # After fit the module holds the EMA weights; the checkpoint's state_dict is that same EMA.
     for name, value in resume_runs["full"]["module_sd"].items():
         assert torch.equal(ckpt["state_dict"][f"net.{name}"], value), name

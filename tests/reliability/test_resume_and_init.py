@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from tarflow.model import TarFlow, TarFlowConfig, describe_checkpoint
+from tarflow.model import TarFlow, TarFlowConfig
 from tests.reliability.helpers import (
     assert_one_line_error,
     run_cli,
@@ -91,7 +91,7 @@ def refused(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every command above, run two at a time in subprocesses; for the ones aimed at the tiny
     run, a copy of it each and its snapshot from before."""
     tmp = tmp_path_factory.mktemp("refused")
-    pt = TarFlow(describe_checkpoint(tiny_run / "checkpoints" / "last.ckpt").config)
+    pt = TarFlow(TarFlow.from_checkpoint(tiny_run / "checkpoints" / "last.ckpt").config)
     weights = pt.save_checkpoint(tmp / "weights.pt")
     small = TarFlowConfig(img_size=8, in_channels=1, patch_size=2, channels=16, num_blocks=2,
                           layers_per_block=1, num_classes=0, head_dim=8)
@@ -142,7 +142,7 @@ def test_init_from_starts_a_new_run_from_weights(
 ) -> None:
     ckpt = tiny_run / "checkpoints" / "last.ckpt"
     if source == "official-pth":
-        config = describe_checkpoint(ckpt).config
+        config = TarFlow.from_checkpoint(ckpt).config
         torch.manual_seed(1)
         net = TarFlow(config)
         for block in net.blocks:
