@@ -1,5 +1,9 @@
-"""Start-up validation of a composed training config: fail before any logger, checkpoint or
-W&B run exists, with one clear message (issue: bad configuration must cost seconds, not a run)."""
+"""Start-up validation of a composed training config: fail before any logger, checkpoint, W&B run
+or ``.hydra`` record exists, with one clear message (bad input must cost seconds, not a run).
+
+The sampler and checkpoint helpers here are shared with ``tarflow-sample`` and ``tarflow-eval``
+(:mod:`tarflow.cli.sample_checks`).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,19 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from tarflow.cli.runs import holds_run, is_secondary_process
 from tarflow.eval import FeatureStats
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
-from tarflow.model import Guidance, TarFlowConfig
+from tarflow.lit.wandb_utils import checkpoint_run_dir
+from tarflow.model import (
+    CheckpointSummary,
+    Guidance,
+    TarFlowConfig,
+    describe_checkpoint,
+    weights_mismatch,
+)
+from tarflow.model.checkpoint import read_file, split_checkpoint
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -24,23 +37,35 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     """Refuse settings that cannot work before any data is read or any run is started.
 
     Without this, a schedule naming block 7 of a 4-block model or guidance on an unconditional
-    model would only fail at the first validation round, after an epoch of training. Each
-    problem raises one ``ValueError`` / ``FileNotFoundError`` naming the config key, which
+    model would only fail at the first validation round, after an epoch of training, and a
+    resume with the wrong model size would fail after the loggers had started. Each problem
+    raises one ``ValueError`` / ``FileNotFoundError`` naming the config key, which
     ``tarflow-train`` prints as one line.
 
     Returns:
         The model's :class:`TarFlowConfig`.
     """
     model = _model_config(cfg)
+    normalise_schedule(cfg.get("sampler"))
     sampling = _sampling_callback_node(cfg)
     if sampling is not None:
-        _check_sampler(_plain(sampling.get("sampler")), model, guidance_must_work=True)
+        normalise_schedule(sampling.get("sampler"))
+        check_sampler(_plain(sampling.get("sampler")), model, guidance_must_work=True)
         _check_fid_stats(sampling.get("fid_stats_path"), cfg.data)
     if (cfg.get("final_samples") or {}).get("enabled", False):
         # The final grid drops guidance that cannot act (write_sample_grid), so only the
         # schedule and the knobs' ranges are checked for it.
-        _check_sampler(_plain(cfg.get("sampler")), model, guidance_must_work=False)
-    _check_ckpt_path(cfg.get("ckpt_path"))
+        check_sampler(_plain(cfg.get("sampler")), model, guidance_must_work=False)
+    ckpt, init = cfg.get("ckpt_path"), cfg.get("init_from")
+    if ckpt is not None and init is not None:
+        raise ValueError("ckpt_path (resume a run) and init_from (start a new run from weights) "
+                         "exclude each other; give one")
+    if ckpt is not None:
+        _check_resume(ckpt, model)
+    if init is not None:
+        _check_init_from(init, model)
+    if not is_secondary_process():  # other ranks start after the first one wrote its files
+        _check_run_dir(Path(cfg.paths.output_dir), ckpt)
     return model
 
 
@@ -71,7 +96,27 @@ def _sampling_callback_node(cfg: DictConfig) -> DictConfig | None:
     return None
 
 
-def _check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_work: bool) -> None:
+# ----------------------------------------------------------------------------- samplers
+def normalise_schedule(sampler: DictConfig | None) -> None:
+    """Read ``sampler.schedule=[3-8-32-10]`` as the paper notation it is, in place.
+
+    The shell strips the quotes of ``sampler.schedule="[3-8-32-10]"`` and Hydra then reads a
+    one-element list ``['3-8-32-10']``; any other list cannot be a schedule.
+    """
+    if not isinstance(sampler, DictConfig) or not OmegaConf.is_list(sampler.get("schedule")):
+        return
+    items = list(sampler.schedule)
+    if len(items) != 1 or not isinstance(items[0], str):
+        raise ValueError(
+            f"sampler.schedule={items} is a list; a schedule is one string such as "
+            f"[7-8-32-10] (inside a list of sweep values quote it: "
+            f"sampler.schedule='\"[7-8-32-10]\"')"
+        )
+    sampler.schedule = f"[{items[0]}]"
+
+
+def check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_work: bool) -> None:
+    """Refuse a sampler config that cannot sample ``model`` (tolerance, schedule, guidance)."""
     sampler = dict(sampler or {})
     tol = float(sampler.get("tol") or 0.0)
     if not tol >= 0:  # also NaN; the sequential schedule would otherwise ignore it silently
@@ -111,18 +156,74 @@ def _check_fid_stats(path: str | None, data: DictConfig) -> None:
         )
 
 
-def _check_ckpt_path(ckpt: Any) -> None:
-    if ckpt is None or str(ckpt) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt):
-        return
-    path = Path(str(ckpt)).expanduser()
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_file(key: str, value: Any, hint: str) -> Path:
+    """The file ``key`` names, refused when it is missing or not a torch archive."""
+    path = Path(str(value)).expanduser()
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"ckpt_path {path} {what}; resume with ckpt_path=<run dir>/checkpoints/last.ckpt"
-        )
+        raise FileNotFoundError(f"{key} {path} {what}; {hint}")
     # torch.save writes a zip archive; a truncated one has no central directory at its end.
     if not zipfile.is_zipfile(path):
         raise ValueError(
-            f"ckpt_path {path} is not a readable checkpoint (truncated, or not "
-            f"written by torch.save)"
+            f"{key} {path} is not a readable checkpoint (truncated, or not written by torch.save)"
+        )
+    return path
+
+
+def _check_resume(ckpt: Any, model: TarFlowConfig) -> None:
+    """``ckpt_path`` must be a Lightning checkpoint of this very architecture."""
+    if str(ckpt) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt):
+        return
+    path = checkpoint_file("ckpt_path", ckpt,
+                           "resume with ckpt_path=<run dir>/checkpoints/last.ckpt")
+    summary = describe_checkpoint(path)
+    if not summary.lightning:
+        raise ValueError(
+            f"ckpt_path {path} holds weights only, not a training run to resume (an official "
+            f".pth or a .pt file); start a new run from its weights with init_from={path}"
+        )
+    different = _config_differences(summary, model)
+    if different:
+        raise ValueError(
+            f"ckpt_path {path} does not fit this run's model: {', '.join(different)}; resume "
+            f"with the checkpoint's settings, or start a new run from its weights with "
+            f"init_from={path}"
+        )
+
+
+def _config_differences(summary: CheckpointSummary, model: TarFlowConfig) -> list[str]:
+    theirs, ours = summary.config.to_dict(), model.to_dict()
+    return [f"model.{key}={ours[key]} (checkpoint: {theirs[key]})"
+            for key in ours if key in theirs and theirs[key] != ours[key]]
+
+
+def _check_init_from(init: Any, model: TarFlowConfig) -> None:
+    """``init_from`` must hold weights whose keys and shapes fit the configured model."""
+    path = checkpoint_file("init_from", init, "give an official .pth, a .pt or a .ckpt file")
+    # Only the tensors: a file without a stored config need not be inferable to fit.
+    state, _ = split_checkpoint(read_file(path, mmap=True))
+    problems = weights_mismatch(model, state)
+    if problems:
+        raise ValueError(f"init_from {path} does not fit the model {model.tag}: "
+                         + " | ".join(problems))
+
+
+def _check_run_dir(output_dir: Path, ckpt: Any) -> None:
+    """A new run must not write into another run's directory (its records, checkpoints and
+    metrics would be mixed); a resume may only continue the run that wrote its checkpoint."""
+    marks = holds_run(output_dir)
+    if not marks:
+        return
+    owner = checkpoint_run_dir(ckpt) if ckpt is not None else None
+    if ckpt is None:
+        raise ValueError(
+            f"hydra.run.dir {output_dir} already holds a run ({', '.join(marks)}); resume it "
+            f"with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}, or choose a new "
+            f"hydra.run.dir"
+        )
+    if owner is not None and owner != output_dir.resolve():
+        raise ValueError(
+            f"hydra.run.dir {output_dir} holds another run than the one that wrote ckpt_path "
+            f"{ckpt}; resume into hydra.run.dir={owner} or a new directory"
         )

@@ -9,8 +9,14 @@ Examples::
 FID uses the validation callback's recipe: the fixed sample set (member ``i`` from seed
 ``seed + i``) and reference statistics cached under ``paths.fid_stats_dir`` (computed on first
 use, or beforehand with ``scripts/prepare_fid_stats.py``). Results (``val/bpd``, ``val/fid_<N>``,
-seconds per image, iterations per block) are printed and written to ``<out_dir>/eval.json``; the
-return value of :func:`main` is ``fid.optimized`` (FID by default), so a sweeper can minimise it.
+seconds per image, iterations per block, the absolute checkpoint path and the data used) are
+printed, logged to ``evaluate.log`` and written to ``<out_dir>/eval.json``; the return value of
+:func:`main` is ``fid.optimized`` (FID by default), so a sweeper can minimise it, and a
+``--multirun`` sweep ends with a table of all jobs (:mod:`tarflow.cli.sweep_summary`).
+
+The data defaults to what the checkpoint records it was trained on, and
+:func:`~tarflow.cli.sample_checks.check_eval_config` refuses a config that cannot work (the
+sampler, counts, device, a dataset other than the recorded one) before the first image is read.
 """
 
 from __future__ import annotations
@@ -28,7 +34,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.cli.logs import job_log
+from tarflow.cli.runs import save_records
 from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
+from tarflow.cli.sample_checks import check_eval_config
 from tarflow.data import build_dataset, uniform_dequantize
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
 from tarflow.lit.callbacks.reference import reference_stats, stack_items
@@ -125,10 +134,15 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns the results dict (also written to ``eval.json``)."""
+    checked = check_eval_config(cfg)  # also fills in cfg.data from the checkpoint's record
+    save_records(cfg)
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
     data = OmegaConf.to_container(cfg.data, resolve=True)
     progress = bool(cfg.get("progress", True))
-    results: dict[str, Any] = {"checkpoint": str(cfg.ckpt_path), "model": net.config.tag}
+    results: dict[str, Any] = {"checkpoint": str(checked.path.resolve()),
+                               "model": net.config.tag,
+                               "data": {k: data.get(k) for k in ("name", "root", "split")},
+                               "overrides": _task_overrides()}
     if cfg.bpd.enabled:
         ds = _dataset(net, data, data.get("split") or "val")
         results.update(bits_per_dim(net, ds, batch_size=int(data.get("batch_size") or 256),
@@ -150,10 +164,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
+def _task_overrides() -> list[str]:
+    """The command line's overrides of this job (a sweep's summary table shows them)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """Returns the ``optimized_metric`` for Hydra sweepers."""
-    with one_line_errors():  # a missing or broken checkpoint is one line, not a traceback
+    # A bad config or checkpoint is one line, not a traceback; printed lines go to evaluate.log.
+    with one_line_errors(), job_log():
         results = run(cfg)
     key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
     value = results.get(key)

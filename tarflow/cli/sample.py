@@ -11,7 +11,13 @@ Sample ``i`` starts from seed ``seed + i`` (noise, then its label), exactly as i
 ``num_samples=100`` reproduces the validation FID set. Outputs go to ``out_dir`` (the Hydra run dir
 by default): ``samples/<i>.png`` (PNG), ``samples.npz`` with ``arr_0`` (N, H, W, C) uint8 (the
 layout common FID tools read), ``labels`` and ``indices`` (NPZ), ``grid.png`` and
-``sample_summary.json`` (timing, iterations per block, schedule).
+``sample_summary.json`` (timing, iterations per block, schedule, and what defines the set).
+
+Before any work :func:`~tarflow.cli.sample_checks.check_sample_config` checks the config against
+the checkpoint and the output folder: a folder that already holds samples is refused unless
+``if_exists=overwrite`` (its sample files are deleted first) or ``if_exists=append`` with
+``first_index`` (another range of the same set; :mod:`tarflow.cli.sample_outputs`). What is
+printed also goes to ``sample.log``.
 
 :func:`run` is the testable core; :func:`main` is the ``@hydra.main`` wrapper.
 """
@@ -31,6 +37,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.cli.logs import job_log
+from tarflow.cli.runs import save_records
+from tarflow.cli.sample_checks import check_sample_config, sample_job
+from tarflow.cli.sample_outputs import SampleFiles, clear_outputs
 from tarflow.eval import images_to_uint8
 from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.reference import fixed_subset, stack_items
@@ -43,7 +53,6 @@ from tarflow.sampling.plan import device_name
 log = logging.getLogger(__name__)
 # Absolute path: a relative config_path would be read as a Python package by the console script.
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-FORMATS = ("png", "npz", "both")
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -147,24 +156,31 @@ def progress_bar(iterable, total: int, enabled: bool, desc: str):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images and write them; returns the summary dict (plus
     ``out_dir``, and the written ``npz`` / ``grid`` paths)."""
+    checked = check_sample_config(cfg)
     fmt = str(cfg.get("format", "png"))
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r} must be one of {FORMATS}")
+    save_records(cfg)
     settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
     probe = OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)
     n, batch = int(cfg.num_samples), int(cfg.batch_size)
+    first = int(cfg.get("first_index", 0))
     schedule, plan = resolve_schedule(settings, net, probe, batch_size=min(batch, n),
                                       plan_cache=cfg.paths.get("plan_cache"))
     out = Path(cfg.out_dir)
+    files = SampleFiles(out, first, n)
+    if str(cfg.get("if_exists", "refuse")) == "overwrite" and out.is_dir():
+        removed = clear_outputs(out)
+        if removed:
+            log.info("if_exists=overwrite: removed %d earlier sample file(s) from %s", removed, out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt != "npz":
         (out / "samples").mkdir(exist_ok=True)
     label = cfg.get("label")
     tally = IterationTally(net.config.num_blocks)
     pixels, labels, grid_images = [], [], []
-    batches = sample_batches(net, range(n), schedule, seed=int(cfg.seed), batch_size=batch,
-                             knobs=settings.knobs, label=None if label is None else int(label))
+    batches = sample_batches(net, range(first, first + n), schedule, seed=int(cfg.seed),
+                             batch_size=batch, knobs=settings.knobs,
+                             label=None if label is None else int(label))
     for b in progress_bar(batches, math.ceil(n / batch), bool(cfg.get("progress", True)),
                           "sampling"):
         tally.add(b)
@@ -172,8 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         hwc = uint8.permute(0, 2, 3, 1).numpy()  # (B, C, H, W) -> (B, H, W, C)
         if fmt != "npz":
             for i, img in zip(b.indices, hwc, strict=True):
-                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(
-                    out / "samples" / f"{i:06d}.png")
+                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(files.png(i))
         if fmt != "png":
             pixels.append(hwc)
             labels.append(b.labels.cpu().numpy() if b.labels is not None
@@ -181,16 +196,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if sum(x.shape[0] for x in grid_images) < int(cfg.get("grid_size", 64)):
             grid_images.append(b.images.float().cpu())
     result = summary_of(settings, schedule, tally, plan)
+    result["job"] = sample_job(cfg, checked.path)  # an append (if_exists=append) must match
+    result["indices"] = [first, first + n - 1]
     result["out_dir"] = str(out)
     if fmt != "png":
-        result["npz"] = str(out / "samples.npz")
-        np.savez(out / "samples.npz", arr_0=np.concatenate(pixels), labels=np.concatenate(labels),
-                 indices=np.arange(n, dtype=np.int64))
+        result["npz"] = str(files.npz)
+        np.savez(files.npz, arr_0=np.concatenate(pixels), labels=np.concatenate(labels),
+                 indices=np.arange(first, first + n, dtype=np.int64))
     if grid_images and int(cfg.get("grid_size", 64)) > 0:
         grid = torch.cat(grid_images)[: int(cfg.get("grid_size", 64))]
-        image_grid(grid, cfg.get("grid_nrow")).save(out / "grid.png")
-        result["grid"] = str(out / "grid.png")
-    (out / "sample_summary.json").write_text(json.dumps(result, indent=2))
+        image_grid(grid, cfg.get("grid_nrow")).save(files.grid)
+        result["grid"] = str(files.grid)
+    files.summary.write_text(json.dumps(result, indent=2))
     print(f"{n} samples with {settings.name} ({schedule.describe()}) in {tally.seconds:.2f} s "
           f"({tally.seconds_per_image * 1e3:.1f} ms/image); iterations per block "
           f"{ {b: round(v, 1) for b, v in tally.mean_iters().items()} }; written to {out}")
@@ -199,7 +216,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")
 def _hydra_main(cfg: DictConfig) -> None:
-    with one_line_errors():  # a missing or broken checkpoint is one line, not a traceback
+    # A bad config or checkpoint is one line, not a traceback; printed lines go to sample.log.
+    with one_line_errors(), job_log():
         run(cfg)
 
 

@@ -7,23 +7,31 @@ Examples::
     tarflow-train debug=fast_dev_run
     tarflow-train ckpt_path=outputs/demo/<time>/checkpoints/last.ckpt \\
         hydra.run.dir=outputs/demo/<time>          # resume in the same run dir (same W&B run)
+    tarflow-train init_from=afhq_model_8_768_8_8_0.07.pth experiment=afhq256_cond  # fine-tune
     tarflow-train --multirun module.optim.lr=5e-4,1e-3   # single device or ddp_spawn
 
 :func:`train` is the testable core (it takes a composed DictConfig); :func:`main` is the thin
 ``@hydra.main`` wrapper. This is ring 3: the only place where a DictConfig is seen; everything
 below receives plain values (``_convert_: all``).
 
-Before anything starts, :func:`check_config` refuses settings that cannot work and the data is
-read; such errors print as one ``error: ...`` line with exit status 2 (:mod:`tarflow.cli.errors`,
-``TARFLOW_DEBUG=1`` for the traceback). During the run, failing logger calls only warn
-(:mod:`tarflow.lit.safe_logging`) and checkpoints are replaced atomically
+Before anything starts, :func:`check_config` refuses settings that cannot work (including a
+checkpoint that does not fit the config, and a new run aimed at another run's directory) and
+the data is read; such errors print as one ``error: ...`` line with exit status 2
+(:mod:`tarflow.cli.errors`, ``TARFLOW_DEBUG=1`` for the traceback), and leave the run directory
+untouched: the ``.hydra`` records are written only after these checks
+(:mod:`tarflow.cli.runs`), numbered when a resume finds earlier ones. A resume restores the
+overrides its run was started with (:func:`main`). During the run, failing logger calls only
+warn (:mod:`tarflow.lit.safe_logging`) and checkpoints are replaced atomically
 (:mod:`tarflow.lit.checkpoint_io`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +47,14 @@ from torchvision.utils import save_image
 
 from tarflow.cli.checks import check_config
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.cli.logs import job_log
+from tarflow.cli.runs import Resume, config_changes, describe_changes, resume_argv, save_records
+from tarflow.lit.callbacks.epoch_log import EpochLog
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.checkpoint_io import AtomicCheckpointIO
 from tarflow.lit.safe_logging import guard_loggers
 from tarflow.lit.wandb_utils import finish_wandb
-from tarflow.model import TarFlow
+from tarflow.model import TarFlow, load_weights
 from tarflow.sampling import SamplingSchedule, sample
 
 log = logging.getLogger(__name__)
@@ -73,9 +84,9 @@ def build(
     """Instantiate datamodule, module, callbacks, loggers and trainer from a composed config.
 
     Every logger is guarded (:mod:`tarflow.lit.safe_logging`: a failing logging call warns and
-    training goes on), and checkpoints are written atomically
+    training goes on), checkpoints are written atomically
     (:class:`~tarflow.lit.checkpoint_io.AtomicCheckpointIO`) unless the trainer config brings
-    its own ``CheckpointIO`` plugin.
+    its own ``CheckpointIO`` plugin, and an :class:`EpochLog` writes one line per epoch.
 
     Args:
         cfg: the composed ``train`` config.
@@ -90,6 +101,12 @@ def build(
     module = instantiate(cfg.module, _convert_="all")
     callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
     callbacks += list(extra_callbacks or [])
+    if cfg.trainer.get("fast_dev_run"):
+        # Lightning skips ModelCheckpoint's saves under fast_dev_run, except the save_last of
+        # its on_train_end (2.6): a smoke run would leave a full checkpoint behind.
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+    if not any(isinstance(cb, EpochLog) for cb in callbacks):
+        callbacks.append(EpochLog())
     loggers: list[Logger] = guard_loggers(_instantiate_dict(cfg.get("logger"), "logger"))
     plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -151,16 +168,24 @@ def write_sample_grid(
     return path
 
 
-def train(cfg: DictConfig, *, callbacks: list[Callback] | None = None) -> dict[str, Any]:
+def train(
+    cfg: DictConfig,
+    *,
+    callbacks: list[Callback] | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Train from a composed config.
 
     Args:
         cfg: the composed ``train`` config (``paths.output_dir`` must be resolvable).
         callbacks: extra callbacks appended after the configured ones.
+        on_start: called once the checks have passed and the data was read, before any logger
+            or checkpoint exists (the CLI writes the run's records there).
 
     Returns:
         dict: ``metrics`` (final callback metrics as floats), ``last_ckpt`` and ``best_ckpt``
-        (paths or None), ``output_dir``, ``samples`` (grid PNG path or None) and ``trainer``.
+        (paths or None), ``output_dir``, ``samples`` (grid PNG path or None), ``seconds``
+        (wall time of the fit) and ``trainer``.
 
     Raises:
         ValueError, FileNotFoundError: settings that cannot work (:func:`check_config`) or
@@ -174,6 +199,8 @@ def train(cfg: DictConfig, *, callbacks: list[Callback] | None = None) -> dict[s
     # Trainer starts. Lightning's own setup("fit") call then finds the datasets built. The
     # datasets draw from their own seeded generators, so this does not shift the global RNG.
     datamodule.setup("fit")
+    if on_start is not None:
+        on_start()
     if cfg.get("seed") is not None:
         # Logged through our logger: Lightning's own line would go to stderr, where a start-up
         # error must stand alone.
@@ -182,6 +209,10 @@ def train(cfg: DictConfig, *, callbacks: list[Callback] | None = None) -> dict[s
     parts = build(cfg, callbacks, datamodule=datamodule)
     trainer: L.Trainer = parts["trainer"]
     module, loggers = parts["module"], parts["loggers"]
+    if cfg.get("init_from") is not None:
+        weights = load_weights(module.net, cfg.init_from)  # keys and shapes checked at start-up
+        log.info("initialised the network from %s (%s weights)", cfg.init_from, weights or "the")
+    start = time.perf_counter()
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         for logger in loggers:
@@ -200,13 +231,16 @@ def train(cfg: DictConfig, *, callbacks: list[Callback] | None = None) -> dict[s
     finally:
         if trainer.is_global_zero:
             finish_wandb(loggers)
-    log.info("finished: metrics %s, last checkpoint %s", metrics, last)
+    seconds = time.perf_counter() - start
+    log.info("finished in %.1f s (%.1f min): metrics %s, last checkpoint %s", seconds,
+             seconds / 60, metrics, last)
     return dict(
         metrics=metrics,
         last_ckpt=last,
         best_ckpt=best,
         output_dir=str(output_dir),
         samples=samples,
+        seconds=seconds,
         trainer=trainer,
     )
 
@@ -260,26 +294,63 @@ def _final_samples(
     return path
 
 
+# The resume that main() found on the command line, for the task it starts (None: none).
+_RESUME: Resume | None = None
+
+
+def _record_run(cfg: DictConfig, resume: Resume | None) -> None:
+    """Write this launch's ``.hydra`` records; for a resume also ``resume.yaml`` (the restored
+    and the new overrides, and every setting that now differs) and a warning naming the
+    changed settings."""
+    if resume is None:
+        save_records(cfg)
+        return
+    changes = config_changes(OmegaConf.load(resume.records / "config.yaml"), cfg)
+    record = {"checkpoint": resume.checkpoint, "restored_from": str(resume.records),
+              "restored_overrides": resume.restored, "new_overrides": resume.new,
+              "changes": changes}
+    where = save_records(cfg, {"resume.yaml": record})
+    log.info("resuming with the overrides recorded in %s plus %s (records: %s)",
+             resume.records, resume.new, where)
+    if changes:
+        log.warning("resumed run differs from its recorded config: %s",
+                    describe_changes(changes))
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     """The Hydra task; returns ``val/nll`` (or ``optimized_metric``) for sweepers."""
-    with one_line_errors():  # inside the job, so Hydra prints no "Error executing job" line
-        result = train(cfg)
-    print(f"run dir: {result['output_dir']}")
-    print(f"last checkpoint: {result['last_ckpt']}")
-    for key in ("val/bpd", "val/nll", "train/loss"):
-        if key in result["metrics"]:
-            print(f"{key}: {result['metrics'][key]:.4f}")
+    # one_line_errors goes inside the job, so Hydra prints no "Error executing job" line.
+    with one_line_errors(), job_log(EpochLog.__module__):
+        resume = _RESUME
+        result = train(cfg, on_start=lambda: _record_run(cfg, resume))
+        print(f"run dir: {result['output_dir']}")
+        print(f"last checkpoint: {result['last_ckpt']}")
+        for key in ("val/bpd", "val/nll", "train/loss"):
+            if key in result["metrics"]:
+                print(f"{key}: {result['metrics'][key]:.4f}")
     return result["metrics"].get(cfg.get("optimized_metric", "val/nll"))
 
 
 def main() -> float | None:
     """Console entry point (``tarflow-train``); reads the overrides from ``sys.argv``.
 
+    A resume (``ckpt_path=`` a checkpoint whose run directory has ``.hydra`` records) first
+    gets the run's recorded overrides put under the command line's own
+    (:func:`tarflow.cli.runs.resume_argv`), before Hydra composes anything; ``sys.argv`` is
+    rewritten so that processes re-launched by DDP see the same command.
+
     Configuration, data and checkpoint errors print one ``error: ...`` line and exit with
     status 2 (``TARFLOW_DEBUG=1`` shows the traceback).
     """
-    return cli_main(_hydra_main)
+    global _RESUME
+    _RESUME = resume_argv(sys.argv[1:])
+    if _RESUME is not None:
+        sys.argv = [sys.argv[0], *_RESUME.argv]
+    try:
+        return cli_main(_hydra_main)
+    finally:
+        _RESUME = None
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,6 +70,17 @@ def _merge(name: str, given: Mapping | None, defaults: dict[str, Any]) -> dict[s
     return {**defaults, **given}
 
 
+def _data_identity(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Plain ``data`` with an absolute root: the checkpoint may be evaluated from another cwd."""
+    if data is None:
+        return None
+    identity = _plain(data)
+    root = identity.get("root")
+    if root:
+        identity["root"] = os.path.abspath(os.path.expanduser(str(root)))
+    return identity
+
+
 class WarmupCosine:
     """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to ``floor``.
 
@@ -107,6 +119,10 @@ class TarFlowLitModule(L.LightningModule):
             dequantisation, the likelihood recipe) and ``std``.
         label_drop: probability of replacing a label by the null class -1 (conditional models).
         seed: seeds the augmentation generators.
+        data: the training data's identity (``name``, ``root``, ``img_size``, ``channels``,
+            ``num_classes``, ``dataset_kwargs``), recorded in every checkpoint so that
+            ``tarflow-eval`` evaluates against the data the model learnt; a relative ``root``
+            is stored as an absolute path.
     """
 
     def __init__(
@@ -116,6 +132,7 @@ class TarFlowLitModule(L.LightningModule):
         noise: Mapping[str, Any] | None = None,
         label_drop: float = 0.1,
         seed: int = 0,
+        data: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model = _plain(model)
@@ -136,6 +153,7 @@ class TarFlowLitModule(L.LightningModule):
             raise ValueError(f"label_drop={label_drop} must be in [0, 1]")
         self.label_drop = float(label_drop)
         self.seed = int(seed or 0)
+        self.data_identity = _data_identity(data)
         # Store complete, plain values: the full config (so from_checkpoint needs no defaults),
         # and no omegaconf containers (so loading needs no Hydra).
         self.save_hyperparameters(
@@ -145,6 +163,7 @@ class TarFlowLitModule(L.LightningModule):
                 "noise": dict(self.noise_cfg),
                 "label_drop": self.label_drop,
                 "seed": self.seed,
+                "data": self.data_identity,
             }
         )
         self.net = TarFlow(self.config)
@@ -249,4 +268,5 @@ class TarFlowLitModule(L.LightningModule):
             "config": self.config.to_dict(),
             "tag": self.config.tag,
             "run_id": None if logger is None else str(logger.version),
+            "data": self.data_identity,
         }

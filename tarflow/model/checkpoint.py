@@ -11,6 +11,8 @@ import math
 import os
 import re
 import tempfile
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,27 +33,49 @@ class CheckpointError(ValueError):
     """A file that is not a loadable TarFlow checkpoint; the message says why and where."""
 
 
-def read_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True, turning every failure into one CheckpointError."""
+def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
+              mmap: bool = False) -> dict:
+    """torch.load with weights_only=True, turning every failure into one CheckpointError.
+
+    Args:
+        path: the file.
+        map_location: where tensors go.
+        mmap: map the file instead of reading it (zip-format files only; others are read):
+            start-up checks look at a few shapes of a checkpoint that may be gigabytes.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types: UnpicklingError, RuntimeError, EOFError
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path} contains pickled Python objects that weights_only=True refuses to load "
-                f"(they could run code); re-save it as a plain state dict. Detail: {text}"
+                f"(they could run code); re-save it as a plain state dict. Detail: "
+                f"{_reason(err)}"
             ) from None
+        # Random bytes also fail inside the weights-only unpickler, whose message then tells
+        # the user to retry with weights_only=False: wrong advice for a file that is no
+        # checkpoint at all, so only the unpickler's own reason is kept.
         raise CheckpointError(
-            f"{path} could not be read as a torch checkpoint (truncated or not a checkpoint?): "
-            f"{type(err).__name__}: {text}"
+            f"{path} is not a readable checkpoint (truncated, or not written by torch.save): "
+            f"{_reason(err)}"
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _reason(err: Exception) -> str:
+    """The first line of torch's own diagnosis, without its weights_only advice."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    line = line.split(". ", 1)[0]  # torch appends advice after the first sentence
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__
 
 
 def split_checkpoint(obj: dict) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -134,6 +158,17 @@ def _compare(model_sd: dict, file_sd: dict) -> list[str]:
     return problems
 
 
+def _config_of(sd: dict, stored: dict | None, name: str | None, where: str,
+               overrides: dict) -> TarFlowConfig:
+    """The architecture a file stores, else the one its shapes (and official name) imply."""
+    try:
+        if stored is not None:
+            return TarFlowConfig(**{**stored, **overrides})
+        return infer_config(sd, name=name, **overrides)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: cannot build a TarFlow: {err}") from None
+
+
 def load_model(cls: type[TarFlow], source: str | Path | dict, *,
                map_location: str | torch.device = "cpu", **overrides) -> TarFlow:
     """Build a TarFlow from a checkpoint file or an in-memory dict and load it strictly."""
@@ -145,13 +180,7 @@ def load_model(cls: type[TarFlow], source: str | Path | dict, *,
         obj = source
     where = name or "the given state dict"
     sd, stored = split_checkpoint(obj)
-    try:
-        if stored is not None:
-            config = TarFlowConfig(**{**stored, **overrides})
-        else:
-            config = infer_config(sd, name=name, **overrides)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: cannot build a TarFlow: {err}") from None
+    config = _config_of(sd, stored, name, where, overrides)
     model = cls(config)
     problems = _compare(model.state_dict(), sd)
     if problems:
@@ -160,6 +189,82 @@ def load_model(cls: type[TarFlow], source: str | Path | dict, *,
                               + " | ".join(problems))
     model.load_state_dict(sd, strict=True)
     return model.to(map_location)
+
+
+@dataclass(frozen=True)
+class CheckpointSummary:
+    """What a checkpoint file holds, read (memory-mapped) without building a model.
+
+    Start-up checks use it to refuse a file before any work: the wrong kind of file for a key,
+    an architecture that does not fit the run's config, a dataset other than the one asked for.
+
+    Attributes:
+        path: the file.
+        lightning: a Lightning training checkpoint (resumable: optimiser, counters, callbacks),
+            as opposed to bare weights (official ``.pth``, our ``.pt``).
+        config: the architecture, as stored in the file or else inferred from shapes.
+        state: the bare network's tensors (memory-mapped where the format allows).
+        data: the dataset identity recorded at training time (``name``, ``root``,
+            ``img_size``, ``channels``, ``num_classes``, ``dataset_kwargs``), or None.
+        weights: "ema" or "raw" for our Lightning checkpoints, else None.
+    """
+
+    path: Path
+    lightning: bool
+    config: TarFlowConfig
+    state: dict[str, torch.Tensor]
+    data: dict | None = None
+    weights: str | None = None
+
+
+def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
+    """Read a checkpoint's kind, architecture and recorded dataset (see CheckpointSummary).
+
+    Raises:
+        CheckpointError: a missing, unreadable or non-TarFlow file.
+    """
+    path = Path(path)
+    obj = read_file(path, "cpu", mmap=True)
+    sd, stored = split_checkpoint(obj)
+    config = _config_of(sd, stored, path.name, path.name, overrides)
+    meta = obj.get("tarflow") if isinstance(obj.get("tarflow"), dict) else {}
+    hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), dict) else {}
+    data = meta.get("data") or hparams.get("data")
+    return CheckpointSummary(path, "pytorch-lightning_version" in obj, config, sd,
+                             dict(data) if isinstance(data, dict) else None, meta.get("weights"))
+
+
+def weights_mismatch(config: TarFlowConfig, state: dict[str, torch.Tensor]) -> list[str]:
+    """Why ``state`` cannot be loaded into a TarFlow of ``config`` (empty when it can)."""
+    from tarflow.model.tarflow import TarFlow
+
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        model = TarFlow(config)
+    return _compare(model.state_dict(), state)
+
+
+def load_weights(model: TarFlow, source: str | Path) -> str | None:
+    """Copy the network weights of any supported file into ``model`` (strict; fine-tuning).
+
+    Only keys and shapes must fit: the file's own config, if any, is not consulted. A
+    Lightning checkpoint gives its ``state_dict``, i.e. the EMA weights when it was trained
+    with EMA.
+
+    Returns:
+        "ema" or "raw" for our Lightning checkpoints (which weights were taken), else None.
+
+    Raises:
+        CheckpointError: unreadable file, or keys/shapes that do not fit ``model``.
+    """
+    obj = read_file(source, "cpu", mmap=True)
+    state, _ = split_checkpoint(obj)
+    problems = _compare(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{source} does not fit the model {model.config.tag}: "
+                              + " | ".join(problems))
+    model.load_state_dict(state, strict=True)
+    meta = obj.get("tarflow")
+    return meta.get("weights") if isinstance(meta, dict) else None
 
 
 def save_model(model: TarFlow, path: str | Path) -> Path:

@@ -69,7 +69,7 @@ def test_experiment_instantiates(tmp_path: Path, experiment: str) -> None:
         assert module.net.config.num_classes == (dm.num_classes if cond else 0)
         kinds = [type(cb) for cb in parts["callbacks"]]
         assert ModelCheckpoint in kinds and EMA in kinds
-        assert {type(lg).__name__ for lg in parts["loggers"]} == {"WandbLogger", "CSVLogger"}
+        assert {type(lg).__name__ for lg in parts["loggers"]} == {"WandbLogger", "RunCSVLogger"}
         if experiment != "demo":
             assert isinstance(trainer.strategy, DDPStrategy)
             assert trainer.num_devices == 8

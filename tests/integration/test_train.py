@@ -27,13 +27,20 @@ from tests.integration.conftest import (
     StopAfterEpochs,
     compose_train,
 )
+from tests.reliability.helpers import csv_losses
 
 
 def test_fast_dev_run(tmp_path: Path) -> None:
-    cfg = compose_train(tmp_path, [*TINY, "debug=fast_dev_run", "logger=csv"])
+    """One batch each and, as its comment says, no checkpoint (Lightning 2.6 would still write
+    last.ckpt) and no FID (minutes of Inception on a CPU); the sampling callback still runs."""
+    with_sampling = [o for o in TINY if o != "~callbacks.sampling"]
+    cfg = compose_train(tmp_path, [*with_sampling, "debug=fast_dev_run", "logger=csv"])
     result = train(cfg)
     assert math.isfinite(result["metrics"]["train/loss"])
     assert math.isfinite(result["metrics"]["val/bpd"])
+    assert result["last_ckpt"] is None and not list((tmp_path / "run").rglob("*.ckpt"))
+    assert "sampling/seconds" in result["metrics"]
+    assert not [key for key in result["metrics"] if key.startswith("val/fid")]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +102,11 @@ def test_checkpoint_holds_ema_weights(resume_runs: dict) -> None:
     ckpt = torch.load(resume_runs["full"]["last_ckpt"], weights_only=True)
     assert ckpt["tarflow"]["weights"] == "ema"
     assert ckpt["tarflow"]["config"] == ckpt["hyper_parameters"]["model"]
+    # The training data's identity, for tarflow-eval's default data.
+    data = ckpt["tarflow"]["data"]
+    assert data == ckpt["hyper_parameters"]["data"]
+    assert (data["name"], data["img_size"], data["channels"], data["num_classes"]) == (
+        "fake", 8, 1, 0)
     # After fit the module holds the EMA weights; the checkpoint's state_dict is that same EMA.
     for name, value in resume_runs["full"]["module_sd"].items():
         assert torch.equal(ckpt["state_dict"][f"net.{name}"], value), name
@@ -144,8 +156,15 @@ def test_wandb_offline_run_id_stable(resume_runs: dict) -> None:
     assert all(r.name.endswith(run_id) or r.name.endswith(f"{run_id}-1") for r in runs)
     ckpt = torch.load(resume_runs["resumed"]["last_ckpt"], weights_only=True)
     assert ckpt["tarflow"]["run_id"] == run_id
-    # The CSV logger beside W&B keeps both launches' metrics (version_0, version_1).
-    assert len(list((run_dir / "csv").glob("version_*/metrics.csv"))) == 2
+    # One CSV folder across the resume: the resumed launch appended to the first one's file
+    # (steps 0-3, then 4-7), and each launch's hyper-parameters were kept.
+    files = list((run_dir / "csv").glob("version_*/metrics.csv"))
+    assert [f.parent.name for f in files] == ["version_0"], files
+    assert sorted(csv_losses(files[0])) == list(range(8))
+    assert sorted(p.name for p in files[0].parent.glob("hparams*.yaml")) == [
+        "hparams.yaml",
+        "hparams_1.yaml",
+    ]
 
 
 def test_wandb_failure_falls_back_to_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,4 +1,5 @@
-"""Reliability suite (issue 7): crashes, bad inputs, numerics, logging outages, DDP faults.
+"""Reliability suite (issues 7 and 14): crashes, bad inputs, numerics, logging outages, DDP
+faults; runs that are safe to repeat and to get wrong.
 
 Item -> tests (``tr`` = tests/reliability; tests in other folders were already there)
 
@@ -51,4 +52,48 @@ Item -> tests (``tr`` = tests/reliability; tests in other folders were already t
    (tests/integration/test_sampling_callback.py::test_a_failing_rank_makes_every_rank_raise
    runs under ddp_spawn, whose launcher kills the other rank by itself: it passes with the
    shared failure flag removed too)
+
+Issue 14, "runs are safe to repeat and to get wrong" (``ti`` = tr/test_sample_eval_input.py,
+``ta`` = tr/test_resume_and_init.py; ``ta::refused[case]`` stands for
+``ta::test_a_command_that_cannot_fit_is_refused_before_touching_anything[case]`` and
+``ti::bad[case]`` for ``ti::test_bad_input_is_one_line_before_any_work[case]``):
+
+1. The README's ``sampler.schedule="[3-8-32-10]"`` (a list once the shell strips the quotes):
+   ``ti::test_the_readme_eval_command_reads_the_schedule_notation``; a list that is no
+   schedule: ``ti::bad[sample-schedule-list]``
+2. A resume that does not fit the checkpoint, one line, run dir byte for byte unchanged:
+   ``ta::refused[model-mismatch]``; a new run aimed at an existing run:
+   ``ta::refused[new-run-into-a-run]``
+3. A resume keeps the run's config (restored overrides, new ones on top, warning, numbered
+   records): ``ta::test_resume_restores_the_runs_own_config_and_keeps_its_records``
+4. ``init_from`` (official .pth, a .ckpt's EMA weights):
+   ``ta::test_init_from_starts_a_new_run_from_weights``; ``ckpt_path`` refuses bare weights:
+   ``ta::refused[weights-as-ckpt-path]``; bad sources: ``ta::refused[garbage-init-from]``,
+   ``[missing-init-from]``, ``[init-from-wrong-shapes]``, ``[both-keys]``
+5. Sampling into a folder that holds samples: refuse (bytes unchanged) and overwrite:
+   ``ti::test_sampling_into_a_folder_with_samples_is_refused_or_overwritten``; append a shard
+   by index (overlap and another seed refused; shards equal one job):
+   ``ti::test_appending_a_shard_of_the_same_set``
+6. Eval on the checkpoint's own data: ``ti::test_eval_uses_the_data_the_checkpoint_was_trained_on``;
+   another dataset and no record: ``ti::bad[eval-other-dataset]``, ``[eval-no-dataset-record]``;
+   recorded at training time: tests/integration/test_train.py::
+   test_checkpoint_holds_ema_weights
+7. One line before any work: ``ti::bad[sample-num-samples-0]``, ``[sample-batch-size-0]``,
+   ``[sample-dtype]``, ``[sample-cuda-without-gpu]``, ``[eval-negative-tol]``,
+   ``[eval-missing-block]``, ``[sample-missing-block]``, ``[sample-label-out-of-range]``,
+   ``[sample-label-on-uncond]``, ``[sample-guidance-on-uncond]``, ``[eval-fid-negative]``,
+   ``[eval-nothing-enabled]``
+8. Garbage checkpoints: ``ti::bad[sample-garbage]``, ``[eval-garbage]``,
+   ``ta::refused[garbage-ckpt-path]``; the loader: tests/unit/test_checkpoint.py::
+   test_garbage_files_are_not_checkpoints
+9. (the schedule text form of tarflow-rank: a separate change)
+10. ``--help``: ``ti::test_help_lists_only_what_works_there``; ``+model=tiny`` refused:
+    ``ti::bad[sample-plus-model]``; ``sample.log``: ``ti::test_sampling_into_a_folder_with_
+    samples_is_refused_or_overwritten``; ``evaluate.log`` and absolute checkpoint paths in
+    eval.json: ``ti::test_eval_uses_the_data_the_checkpoint_was_trained_on``; ``train.log``
+    epochs and total time: ``ta::test_resume_restores_the_runs_own_config_and_keeps_its_records``;
+    ``debug=fast_dev_run``: tests/integration/test_train.py::test_fast_dev_run; one CSV folder
+    across a resume: tests/integration/test_train.py::test_wandb_offline_run_id_stable,
+    ``tr/test_crash_resume.py::test_resumed_losses_equal_the_uninterrupted_run_bit_for_bit``;
+    the sweep table: ``ti::test_an_eval_sweep_ends_with_a_table``
 """

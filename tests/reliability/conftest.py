@@ -1,4 +1,5 @@
-"""Fixtures of the reliability suite: offline W&B, one torch thread, clean logging state."""
+"""Fixtures of the reliability suite: offline W&B, one torch thread, clean logging state, and one
+finished tiny training run that tests copy before they touch it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
+
+from tests.reliability.helpers import run_cli, train_overrides
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +51,15 @@ def clean_hydra() -> Iterator[None]:
     root.handlers[:] = handlers
     root.setLevel(level)
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of a finished ``tarflow-train`` run: the tiny model on 8x8 fake images,
+    started with ``trainer.max_epochs=1 trainer.limit_train_batches=2`` (W&B offline + CSV).
+    Shared: copy it (``shutil.copytree``) before running anything that may write into it."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    args = train_overrides(root, "trainer.max_epochs=1", "trainer.limit_train_batches=2")
+    result = run_cli("train", *args, cwd=root)
+    assert result.code == 0, result.err[-3000:]
+    return root / "run"

@@ -7,7 +7,8 @@ import csv
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,9 +112,46 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def csv_losses(metrics_csv: Path) -> dict[int, str]:
-    """``{logger step: train/loss}`` of a CSVLogger file, values kept as the written text so
-    equality is bit-exact (the float repr round-trips)."""
+def run_cli(command: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 240) -> CliResult:
+    """``python -m tarflow.cli.<command> <args>`` in a fresh interpreter, as a user runs it."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", f"tarflow.cli.{command}", *args],
+            cwd=cwd,
+            env=env or subprocess_env(cwd / "wandb_home"),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"tarflow.cli.{command} still running after {timeout} s: {err.stderr}")
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_clis(calls: Sequence[tuple[str, Sequence[str]]], *, cwd: Path,
+             workers: int = 2) -> list[CliResult]:
+    """Several independent command lines, two at a time (each is mostly interpreter start-up)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        jobs = [pool.submit(run_cli, command, *args, cwd=cwd) for command, args in calls]
+        return [job.result() for job in jobs]
+
+
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` (hidden ones too) with its bytes (None for directories)."""
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def csv_loss_rows(metrics_csv: Path) -> list[tuple[int, str]]:
+    """``(logger step, train/loss)`` rows of a CSVLogger file in file order, values kept as the
+    written text so equality is bit-exact (the float repr round-trips)."""
     with open(metrics_csv, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return {int(r["step"]): r["train/loss"] for r in rows if r.get("train/loss")}
+    return [(int(r["step"]), r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def csv_losses(metrics_csv: Path) -> dict[int, str]:
+    """``{logger step: train/loss}`` of a CSVLogger file (a step logged twice, as after a
+    resume, keeps its later row)."""
+    return dict(csv_loss_rows(metrics_csv))

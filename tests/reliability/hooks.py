@@ -65,3 +65,20 @@ class ExplodingLogger(CSVLogger):
 def finite_state(state: dict[str, torch.Tensor]) -> bool:
     """True when every floating tensor of a state dict is finite."""
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class SaveNetAtFitStart(L.Callback):
+    """Writes the network's weights as training starts (after any ``init_from`` loading), so a
+    test can compare them with the file the run was initialised from.
+
+    Args:
+        path: destination of ``{name: tensor}``.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            torch.save({k: v.detach().cpu() for k, v in pl_module.net.state_dict().items()},
+                       self.path)

@@ -33,6 +33,7 @@ from tests.integration.conftest import compose_train
 from tests.reliability.helpers import (
     REPO,
     TINY,
+    csv_loss_rows,
     csv_losses,
     finish,
     subprocess_env,
@@ -82,8 +83,9 @@ def test_the_crash_happened_mid_epoch_after_a_checkpoint(crash_runs: dict) -> No
     assert code == -signal.SIGKILL, err[-3000:]
     assert crash_runs["step_at_crash"] == 4  # the end-of-epoch-0 save; steps 5 and 6 are lost
     assert crash_runs["net_at_crash"] is not None
-    logged = csv_losses(crash_runs["crashed"] / "csv" / "version_0" / "metrics.csv")
-    assert sorted(logged) == list(range(KILL_AT))  # every step up to the crash was logged
+    logged = csv_loss_rows(crash_runs["crashed"] / "csv" / "version_0" / "metrics.csv")
+    # Every step up to the crash was logged (the resumed launch's rows follow them).
+    assert [step for step, _ in logged[:KILL_AT]] == list(range(KILL_AT))
 
 
 def test_resumed_losses_equal_the_uninterrupted_run_bit_for_bit(crash_runs: dict) -> None:
@@ -92,11 +94,13 @@ def test_resumed_losses_equal_the_uninterrupted_run_bit_for_bit(crash_runs: dict
         assert code == 0, f"{name} run failed:\n{err[-3000:]}"
     tmp, crashed = crash_runs["tmp"], crash_runs["crashed"]
     reference = csv_losses(tmp / "reference" / "csv" / "version_0" / "metrics.csv")
-    before = csv_losses(crashed / "csv" / "version_0" / "metrics.csv")
-    after = csv_losses(crashed / "csv" / "version_1" / "metrics.csv")
+    # One CSV file across the resume: the killed launch's rows (steps 0-5), then the resumed
+    # launch's from its checkpoint on (4-11): the two lost steps appear twice.
+    rows = csv_loss_rows(crashed / "csv" / "version_0" / "metrics.csv")
+    assert not (crashed / "csv" / "version_1").exists()
+    assert [step for step, _ in rows] == [*range(KILL_AT), *range(4, 12)]
     assert sorted(reference) == list(range(12))
-    assert sorted(after) == list(range(4, 12))  # steps 5 and 6 replayed, then 7..12
-    for step, loss in {**before, **after}.items():
+    for step, loss in rows:
         assert loss == reference[step], (step, loss, reference[step])
     # The end states agree exactly too: EMA and raw weights, and the optimiser moments.
     ref = torch.load(tmp / "reference" / "checkpoints" / "last.ckpt", weights_only=True)

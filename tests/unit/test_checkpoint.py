@@ -154,7 +154,7 @@ def test_truncated_and_pickled_files_are_refused(tmp_path):
     path = make_model(0, dtype=torch.float32).save_checkpoint(tmp_path / "m.pt")
     data = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         TarFlow.from_checkpoint(tmp_path / "cut.pt")
     with pytest.raises(CheckpointError, match="not found"):
         TarFlow.from_checkpoint(tmp_path / "missing.pt")
@@ -169,6 +169,21 @@ def test_truncated_and_pickled_files_are_refused(tmp_path):
     for name in ("evil.pt", "evil2.pt"):
         with pytest.raises(CheckpointError):
             TarFlow.from_checkpoint(tmp_path / name)
+    with pytest.raises(CheckpointError, match="pickled Python objects") as err:
+        TarFlow.from_checkpoint(tmp_path / "evil2.pt")
+    assert "weights_only=False" not in str(err.value) and "GLOBAL print" in str(err.value)
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 20, b"hello\n", b"\x80\x02garbage"],
+                         ids=["random-bytes", "text", "pickle-header"])
+def test_garbage_files_are_not_checkpoints(tmp_path, content):
+    """Bytes that are no checkpoint at all get "not a readable checkpoint", never torch's advice
+    to retry with weights_only=False (which would run whatever the file holds)."""
+    path = tmp_path / "garbage.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="is not a readable checkpoint") as err:
+        TarFlow.from_checkpoint(path)
+    assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_ring_one_imports_no_framework():

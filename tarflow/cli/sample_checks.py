@@ -1,0 +1,195 @@
+"""Start-up validation of ``tarflow-sample`` and ``tarflow-eval``: one function per command checks
+the composed config against the checkpoint it names (read memory-mapped, no model is built)
+before any dataset, sample, output file or ``.hydra`` record exists.
+
+Without these checks ``num_samples=0`` wrote a summary with ``NaN`` (invalid JSON), ``batch_size=0``
+ended in a ZeroDivisionError, a schedule naming a missing block failed only after the whole bits/dim
+pass of ``tarflow-eval`` (whose result was then lost), and ``label=3`` on an unconditional model
+was ignored. Each problem raises one ``ValueError`` naming the key; the CLIs print it as one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from tarflow.cli.checks import check_sampler, checkpoint_file, normalise_schedule
+from tarflow.cli.sample_outputs import check_out_dir
+from tarflow.model import CheckpointSummary, describe_checkpoint
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+DTYPES = ("float32", "float64", "bfloat16")
+FORMATS = ("png", "npz", "both")
+
+
+def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
+    """Refuse a ``tarflow-sample`` config that cannot work (see the module doc).
+
+    Also normalises ``sampler.schedule`` (a list from an unquoted ``[...]``) in place.
+
+    Returns:
+        The checkpoint's summary.
+    """
+    _check_keys(cfg, "sample")
+    summary = _checkpoint(cfg)
+    model = summary.config
+    n = _at_least(cfg, "num_samples", 1)
+    _at_least(cfg, "batch_size", 1)
+    first = _at_least(cfg, "first_index", 0)
+    check_device(cfg.get("device"))
+    check_dtype(cfg.get("dtype"))
+    fmt = str(cfg.get("format", "png"))
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r} must be one of {FORMATS}")
+    _at_least(cfg, "grid_size", 0)
+    normalise_schedule(cfg.sampler)
+    sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
+    check_sampler(sampler, model, guidance_must_work=True)
+    label = cfg.get("label")
+    if label is not None:
+        if not model.conditional:
+            raise ValueError(f"label={label} but the model of {summary.path} is unconditional; "
+                             f"drop label")
+        if not 0 <= int(label) < model.num_classes:
+            raise ValueError(f"label={label} is outside the model's classes 0..."
+                             f"{model.num_classes - 1}")
+    check_out_dir(Path(cfg.out_dir), if_exists=str(cfg.get("if_exists", "refuse")),
+                  first=first, count=n, job=sample_job(cfg, summary.path))
+    return summary
+
+
+def sample_job(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
+    """What defines a sample set (written to the summary; ``if_exists=append`` compares it)."""
+    return {"checkpoint": str(checkpoint.resolve()),
+            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": int(cfg.seed),
+            "label": cfg.get("label"), "dtype": str(cfg.get("dtype", "float32")),
+            "format": str(cfg.get("format", "png"))}
+
+
+def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
+    """Refuse a ``tarflow-eval`` config that cannot work, and fill in the evaluation data from
+    the checkpoint's record when ``data.name`` is not given (see :func:`resolve_data`).
+
+    Returns:
+        The checkpoint's summary.
+    """
+    _check_keys(cfg, "eval")
+    summary = _checkpoint(cfg)
+    if not cfg.bpd.enabled and not cfg.fid.enabled:
+        raise ValueError("bpd.enabled and fid.enabled are both false: nothing to evaluate")
+    check_device(cfg.get("device"))
+    check_dtype(cfg.get("dtype"))
+    if cfg.bpd.enabled:
+        _at_least(cfg, "data.batch_size", 1)
+        if cfg.data.get("max_images") is not None:
+            _at_least(cfg, "data.max_images", 1)
+    if cfg.fid.enabled:
+        # A covariance needs at least two samples on each side.
+        _at_least(cfg, "fid.num_samples", 2)
+        _at_least(cfg, "fid.reference_size", 2)
+        _at_least(cfg, "fid.batch_size", 1)
+        _at_least(cfg, "fid.feature_batch_size", 1)
+        normalise_schedule(cfg.sampler)
+        check_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), summary.config,
+                      guidance_must_work=True)
+    resolve_data(cfg, summary)
+    return summary
+
+
+def resolve_data(cfg: DictConfig, summary: CheckpointSummary) -> None:
+    """Evaluate on the data the checkpoint was trained on unless told otherwise.
+
+    ``data.name: null`` takes the recorded dataset (name, root, dataset options); a named
+    dataset other than the recorded one is refused unless ``data.allow_mismatch`` is set.
+    Files without a record (official ``.pth``, ``.pt``, older checkpoints) need ``data.name``.
+    """
+    recorded, data = summary.data, cfg.data
+    if data.get("name") is None and recorded is None:
+        raise ValueError(
+            f"{summary.path} does not record the dataset it was trained on; name the "
+            f"evaluation data with data.name=... (and data.root=... for data on disk)"
+        )
+    if recorded is None:
+        return
+    name = data.get("name") or recorded.get("name")
+    if name != recorded.get("name") and not data.get("allow_mismatch", False):
+        raise ValueError(
+            f"data.name={name} but {summary.path} was trained on {recorded.get('name')} "
+            f"(root {recorded.get('root')}); drop data.name to evaluate on the training data, "
+            f"or set data.allow_mismatch=true to evaluate on another dataset on purpose"
+        )
+    if name != recorded.get("name"):
+        return
+    with open_dict(data):
+        data.name = name
+        if data.get("root") is None:
+            data.root = recorded.get("root")
+        if not data.get("dataset_kwargs"):
+            data.dataset_kwargs = dict(recorded.get("dataset_kwargs") or {})
+
+
+# ----------------------------------------------------------------------------- pieces
+def _checkpoint(cfg: DictConfig) -> CheckpointSummary:
+    if cfg.get("ckpt_path") in (None, ""):
+        raise ValueError("ckpt_path is required: ckpt_path=<run dir>/checkpoints/last.ckpt")
+    if not Path(str(cfg.ckpt_path)).expanduser().exists():
+        # The wording the loader used before these checks, which scripts may look for.
+        raise FileNotFoundError(f"checkpoint not found: {cfg.ckpt_path}")
+    path = checkpoint_file("ckpt_path", cfg.ckpt_path, "give an official .pth, .pt or .ckpt")
+    return describe_checkpoint(path)
+
+
+def _at_least(cfg: DictConfig, key: str, low: int) -> int:
+    value = OmegaConf.select(cfg, key)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key}={value} must be an integer >= {low}") from None
+    if number < low or number != value:
+        raise ValueError(f"{key}={value} must be an integer >= {low}")
+    return number
+
+
+def check_device(name: Any) -> None:
+    """``auto``, ``cpu`` or an accelerator that exists here (``cuda``, ``cuda:1``, ``mps``)."""
+    if name in (None, "auto"):
+        return
+    usage = "use auto, cpu, cuda or cuda:<i>"
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        raise ValueError(f"device={name} is not a device: {usage}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} but no CUDA GPU is available here; use device=cpu "
+                             f"or device=auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name} but this machine has {torch.cuda.device_count()} "
+                             f"GPU(s) (cuda:0...)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device={name} but MPS is not available here; use device=cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"device={name}: {usage}")
+
+
+def check_dtype(name: Any) -> None:
+    if str(name) not in DTYPES:
+        raise ValueError(f"dtype={name} must be one of {DTYPES}")
+
+
+def _check_keys(cfg: DictConfig, command: str) -> None:
+    """Refuse top-level keys the command does not read (``+model=tiny`` would be ignored)."""
+    primary = OmegaConf.load(CONFIG_DIR / f"{command}.yaml")
+    groups = {key for entry in primary.get("defaults", []) if isinstance(entry, DictConfig)
+              for key in entry}
+    known = (set(primary) - {"defaults"}) | groups | {"hydra"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ValueError(
+            f"tarflow-{command} has no {', '.join(unknown)} settings (they would be ignored: "
+            f"the model comes from ckpt_path); see tarflow-{command} --help"
+        )
