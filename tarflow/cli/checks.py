@@ -98,12 +98,23 @@ def _sampling_callback_node(cfg: DictConfig) -> DictConfig | None:
 
 # ----------------------------------------------------------------------------- samplers
 def normalise_schedule(sampler: DictConfig | None) -> None:
-    """Read ``sampler.schedule=[3-8-32-10]`` as the paper notation it is, in place.
+    """Read ``sampler.schedule=[3-8-32-10]`` as the paper notation it is, and
+    ``sampler.schedule={3:S8/zeros,else:S1}`` as the explicit form it is, in place.
 
     The shell strips the quotes of ``sampler.schedule="[3-8-32-10]"`` and Hydra then reads a
-    one-element list ``['3-8-32-10']``; any other list cannot be a schedule.
+    one-element list ``['3-8-32-10']``; any other list cannot be a schedule. Likewise the
+    explicit form ``{block:setting, ..., else:setting}`` (what tarflow-rank and the planner
+    print) reaches us as a dict of block -> setting strings.
     """
-    if not isinstance(sampler, DictConfig) or not OmegaConf.is_list(sampler.get("schedule")):
+    if not isinstance(sampler, DictConfig):
+        return
+    spec = sampler.get("schedule")
+    if OmegaConf.is_dict(spec) and spec and all(
+            (isinstance(k, int) or str(k).isdigit() or k == "else") and isinstance(v, str)
+            for k, v in spec.items()):
+        sampler.schedule = "{" + ", ".join(f"{k}:{v}" for k, v in spec.items()) + "}"
+        return
+    if not OmegaConf.is_list(spec):
         return
     items = list(sampler.schedule)
     if len(items) != 1 or not isinstance(items[0], str):

@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
                                      tough_segments=args.tough_segments)
     print(f"{model.config.tag}, N={model.config.num_patches}; probe: {where}; norm: {args.norm}")
     print(ranking_table(ranking, schedule))
-    print(f"suggested schedule: {format_schedule(schedule)}")
+    text = format_schedule(schedule)
+    print(f"suggested schedule (the paper's rule, as sampler.schedule=auto:paper): {text}")
+    if text.startswith("{"):  # how to pass it back on a Hydra command line
+        blocks = text.split("}")[0].replace(" ", "") + "}"
+        print(f"  as a fixed schedule: sampler.schedule='{blocks}' sampler.tol={args.tol}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ranking": ranking_records(ranking), "schedule": schedule.to_dict()}, f,

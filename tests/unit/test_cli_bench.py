@@ -36,6 +36,34 @@ def test_rank_prints_table_and_schedule(tmp_path, capsys):
     assert len(saved["ranking"]) == 2 and "default" in saved["schedule"]
 
 
+def test_the_printed_schedule_reads_back_as_a_sampler_schedule(capsys):
+    """Issue 14 item 9: tarflow-rank's schedule, passed back on a command line, is the same."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from tarflow.cli.checks import normalise_schedule
+    from tarflow.cli.sample import CONFIG_DIR
+    from tarflow.lit.callbacks.sampler_config import parse_sampler
+    from tarflow.sampling import parse_schedule
+
+    rank.main(["--preset", "tiny", "--data", "fake", "--probe", "8", "--tough-factor", "1.0",
+               "--tough-segments", "4", "--tol", "0.002"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = next(ln for ln in lines if ln.startswith("suggested schedule")).split(": ", 1)[1]
+    override = next(ln for ln in lines if "as a fixed schedule" in ln).split(": ", 1)[1]
+    schedule = parse_schedule(printed)
+    assert printed.startswith("{") and schedule.describe() == printed
+    # What the shell hands Hydra once it has stripped the single quotes.
+    args = [a.replace("'", "") for a in override.split()]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose("sample", overrides=["ckpt_path=x", "sampler=jacobi", *args])
+    normalise_schedule(cfg.sampler)
+    settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
+    assert settings.schedule == schedule
+
+
 def test_cli_errors_are_one_line(capsys):
     with pytest.raises(SystemExit) as err:
         rank.main(["does-not-exist.pt"])
