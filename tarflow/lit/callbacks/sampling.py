@@ -289,16 +289,23 @@ class SamplingCallback(Callback):
 
     def _compare(self, net: TarFlow, schedule: SamplingSchedule,
                  shard: list[int]) -> list[float]:
-        """[seconds configured, seconds sequential, samples, max abs error] on this rank."""
+        """[seconds configured, seconds sequential, samples, max abs error] on this rank.
+
+        Both run twice, alternating, and the faster run of each counts: one run each let a
+        passing hiccup of the machine decide a speed-up near 1.
+        """
         subset = [i for i in shard if i < self.compare_sequential]
         if not subset:
             return [0.0, 0.0, 0.0, 0.0]
         noise, y = fixed_inputs(net, subset, self.seed)
-        fast, fast_stats = sample(net, noise, y, schedule, **self.settings.knobs)
-        exact, exact_stats = sample(net, noise, y, SamplingSchedule.sequential(),
-                                    **self.settings.knobs)
-        return [fast_stats.seconds, exact_stats.seconds, float(len(subset)),
-                max_abs_error(fast, exact)]
+        runs = {"fast": (schedule, []), "exact": (SamplingSchedule.sequential(), [])}
+        images = {}
+        for _ in range(2):
+            for name, (sched, seconds) in runs.items():
+                images[name], stats = sample(net, noise, y, sched, **self.settings.knobs)
+                seconds.append(stats.seconds)
+        return [min(runs["fast"][1]), min(runs["exact"][1]), float(len(subset)),
+                max_abs_error(images["fast"], images["exact"])]
 
     # ------------------------------------------------------------------ helpers
     def _agree(self, trainer: L.Trainer, device: torch.device, error: Exception | None,
