@@ -138,7 +138,8 @@ def test_cache_hit_miss_and_ranking_drift(tmp_path):
     assert cache.get(settings.plan_key(model, 3, weights=False)) is None
     assert cache.get(settings.plan_key(model, 2)) is None
     # Shares that moved by > 10 points re-plan, and the new plan replaces the old one.
-    moved = [BlockRank(r.block, r.crm, s, r.igm) for r, s in zip(RANKING, [30, 50, 10, 10])]
+    moved = [BlockRank(r.block, r.crm, s, r.igm)
+             for r, s in zip(RANKING, [30, 50, 10, 10], strict=True)]
     again = settings.schedule_for(model, moved, 2, cache=cache, weights=False, timer=timer)[1]
     assert again.source == "planned" and again.shares == {0: 30, 1: 50, 2: 10, 3: 10}
     assert len(json.loads((tmp_path / "plans.json").read_text())["plans"]) == 1
