@@ -16,16 +16,18 @@ and keeps the fastest:
   short probe of single network passes shows it is faster at that segment length.
 
 All candidates stop at the same tolerance, so they are equally accurate. Each block is fed the
-output of the previous block's fastest candidate (what it will see when sampling), and the first
-probe round starts from fresh noise; later rounds use other noise and re-time only the close
-calls (within ``keep`` of the best), so a choice does not rest on one lucky draw.
+output of the previous block's fastest candidate (what it will see when sampling). Later probe
+rounds use other noise and re-time only the close calls (within ``keep`` of the best); a third
+round runs only for blocks where two rounds disagree, and a candidate's cost is its median over
+rounds, so a choice rests neither on one lucky draw nor on one stall of the machine (stalls only
+ever make a run slower). The garbage collector is paused while planning.
 
 Cost control. Candidates of a block run best guess first: the previous block's winner, then
 Jacobi, then the sequential loop, then more segments. A candidate still running after ``margin``
 times the best time so far is stopped (through the solver's per-iteration callback), so a
 losing candidate costs at most ``margin`` x the winner. A plan therefore costs about (number of
-candidates per block + the re-timed rounds) x one sampling call: 3-8 calls in practice
-(``Plan.planning_seconds`` says; docs/benchmarks.md lists measured values). Plans are cached
+candidates per block + the re-timed rounds) x one sampling call: 3-7 calls on the demo model
+(``Plan.summary`` states it; docs/benchmarks.md lists measured values). Plans are cached
 (``tarflow.sampling.plan.PlanCache``), so this is paid once per model, device and batch.
 
 How often to test convergence (``check_every``) follows from the same measurements: a test costs
@@ -36,6 +38,7 @@ per segment; the best k is about sqrt(2 I t_test / t_pass) for I iterations per 
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -65,7 +68,8 @@ class PlannerOptions:
     """Knobs of :func:`plan_schedule` (defaults are what the sampler configs use).
 
     Attributes:
-        rounds: probe rounds (round 0 times every candidate, later rounds the close calls).
+        rounds: probe rounds at most (round 0 times every candidate, later rounds the close
+            calls; a third round runs only where two disagree on a block's fastest).
         margin: abandon a candidate once it has run this many times the best time so far.
         keep: re-time candidates within this factor of the best in later rounds.
         segments: GS segment counts tried (upwards) for tough blocks.
@@ -76,9 +80,9 @@ class PlannerOptions:
         max_check_every: the largest convergence-test interval chosen.
     """
 
-    rounds: int = 2
+    rounds: int = 3
     margin: float = 1.25
-    keep: float = 1.1
+    keep: float = 1.5
     segments: tuple[int, ...] = (2, 4, 8, 16)
     tough_factor: float = 1.5
     dtype_gain: float = 0.95
@@ -142,16 +146,32 @@ class _Planner:
 
     # ------------------------------------------------------------------------- the search
     def run(self) -> Plan:
+        # Collector pauses land on whichever candidate runs then: pause it, as timeit does.
+        # (No full collection first: in a process holding a training run it takes longer
+        # than the whole plan.)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self.search()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def search(self) -> Plan:
         noise, y = self.inputs(0)
         self.pass_seconds = _pass_seconds(self.model, self.nets, noise, y, self.guidance)
         ranks = {r.block: r for r in self.ranking or []}
         alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
         winner: BlockSchedule | None = None
+        firsts: dict[int, list[str]] = {b: [] for b in range(self.T)}  # each round's fastest
         for r in range(self.opt.rounds):
             if alive is not None:
                 alive = {b: self.close(b, labels) for b, labels in alive.items()}
                 if all(len(labels) == 1 for labels in alive.values()):
                     break  # no close calls left to settle
+                if r >= 2 and all(self.settled(b, labels, firsts[b])
+                                  for b, labels in alive.items()):
+                    break  # two rounds on different noise agree, or it is a tie
                 noise, y = self.inputs(r)
             x = noise
             for block in reversed(self.model.blocks):
@@ -170,6 +190,7 @@ class _Planner:
                     if tough:
                         self.walk_segments(block, x, y, base)
                 winner, x = self.best_cand, self.best_out
+                firsts[b].append(self.label(winner))
             if alive is None:
                 alive = {b: list(self.table[b]) for b in range(self.T)}
         return self.plan({b: self.close(b, labels)[0] for b, labels in alive.items()}, noise)
@@ -196,7 +217,7 @@ class _Planner:
             seconds = self.timer(b, cand, seconds)
         entry.seconds.append(seconds)
         if out is None:
-            entry.complete = False
+            entry.aborted += 1
             return
         entry.iters = iters
         if seconds < self.best:
@@ -234,7 +255,7 @@ class _Planner:
                 cand = replace(base, segments=S, net_dtype=d)
                 self.try_candidate(block, x, y, cand)
                 now = entries[self.label(cand)]
-                if not now.complete or (prev is not None and now.mean >= prev.mean):
+                if not now.complete or (prev is not None and now.cost >= prev.cost):
                     break
                 prev = now
 
@@ -250,11 +271,24 @@ class _Planner:
         return ([] if clearly else [None]) + faster
 
     def close(self, b: int, labels: list[str]) -> list[str]:
-        """Complete candidates within ``keep`` of the best mean, best first."""
+        """Candidates whose median is within ``keep`` of the best, best first. One stopped
+        only now and then stays in (a stall of the machine may have stopped it); the best must
+        have finished a run."""
         entries = self.table[b]
-        done = sorted((lb for lb in labels if entries[lb].complete),
-                      key=lambda lb: entries[lb].mean)
-        return [lb for lb in done if entries[lb].mean <= self.opt.keep * entries[done[0]].mean]
+        ran = sorted((lb for lb in labels if entries[lb].aborted < len(entries[lb].seconds)),
+                     key=lambda lb: entries[lb].cost)
+        best = entries[ran[0]].cost
+        return [lb for lb in sorted(labels, key=lambda lb: entries[lb].cost)
+                if entries[lb].cost <= self.opt.keep * best and
+                (lb == ran[0] or entries[lb].aborted <= len(entries[lb].seconds) // 2)]
+
+    def settled(self, b: int, labels: list[str], firsts: list[str]) -> bool:
+        """Whether a block needs no further round: one candidate left, the last two rounds'
+        fastest agree, or the two best medians are within 3% (either choice is as good)."""
+        if len(labels) < 2 or firsts[-1] == firsts[-2]:
+            return True
+        a, b2 = (self.table[b][lb].cost for lb in labels[:2])
+        return b2 <= 1.03 * a
 
     def label(self, cand: BlockSchedule) -> str:
         return format_block(cand, self.tol)
@@ -262,14 +296,14 @@ class _Planner:
     # ------------------------------------------------------------------------- the result
     def plan(self, choice: dict[int, str], noise: torch.Tensor) -> Plan:
         chosen = {b: self.settings[b][label] for b, label in choice.items()}
-        predicted = sum(self.table[b][label].mean for b, label in choice.items())
+        predicted = sum(self.table[b][label].cost for b, label in choice.items())
         chosen = _with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
                                      noise, self.tol, self.opt.max_check_every)
         blocks = [BlockPlan(b, self.label(chosen[b]), list(self.table[b].values()))
                   for b in range(self.T)]
         seq = [self.table[b].get("seq") for b in range(self.T)]
         return Plan(_as_schedule(chosen), blocks, predicted,
-                    sum(c.mean for c in seq if c is not None),
+                    sum(c.cost for c in seq if c is not None),
                     all(c is not None and c.complete for c in seq),
                     planning_seconds=time.perf_counter() - self.t_start,
                     shares={r.block: r.share for r in self.ranking} if self.ranking else None)
@@ -357,7 +391,7 @@ def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candi
             continue
         S = len(s.boundaries(N)) - 1
         L = max(1, N // S)
-        t_pass = entry.mean / entry.iters
+        t_pass = entry.cost / entry.iters
         t_test = _test_seconds(noise[:, :L], tol)
         per_segment = entry.iters / S
         k = round(math.sqrt(2 * per_segment * t_test / max(t_pass, 1e-12)))
