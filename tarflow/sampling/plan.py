@@ -63,7 +63,10 @@ class Candidate:
     def describe(self) -> str:
         ms = f"{self.cost * 1e3:.1f} ms"
         runs = f" (x{len(self.seconds)})" if len(self.seconds) > 1 else ""
-        return (ms if self.complete else f">{ms}") + runs
+        # A stopped sequential loop is extrapolated from its steps; anything else stopped is
+        # known only to cost more than the time it was stopped at.
+        mark = "" if self.complete else ("~" if self.label == "seq" else ">")
+        return mark + ms + runs
 
 
 @dataclass
@@ -86,8 +89,8 @@ class Plan:
         schedule: the schedule to sample with.
         blocks: per forward block, the choice and its candidates.
         predicted_seconds: sum over blocks of the chosen candidates' median seconds.
-        sequential_seconds: the same for the sequential loop (a lower bound when it was stopped
-            early in some block: see ``sequential_complete``).
+        sequential_seconds: the same for the sequential loop (extrapolated from the steps it
+            ran where it was stopped early: see ``sequential_complete``).
         planning_seconds: wall time spent planning (0 when loaded from a cache).
         key: what decided the plan (:func:`plan_key`).
         shares: CRM share per block (percent) of the ranking the plan was made under.
@@ -110,7 +113,7 @@ class Plan:
 
     def summary(self) -> str:
         """One line: schedule, predicted time and speed-up, planning cost or cache."""
-        bound = "" if self.sequential_complete else ">="
+        bound = "" if self.sequential_complete else "~"
         calls = self.planning_seconds / max(self.predicted_seconds, 1e-12)
         how = ("reused from cache" if self.source == "cache"
                else f"planned in {self.planning_seconds:.2f} s = {calls:.1f} calls")

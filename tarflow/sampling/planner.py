@@ -143,6 +143,7 @@ class _Planner:
         self.table: dict[int, dict[str, Candidate]] = {b: {} for b in range(self.T)}
         self.settings: dict[int, dict[str, BlockSchedule]] = {b: {} for b in range(self.T)}
         self.pass_seconds: dict[tuple[str | None, str], float] = {}
+        self.freeze_pref: bool | None = None  # Jacobi with freezing beat without, on block T-1
 
     # ------------------------------------------------------------------------- the search
     def run(self) -> Plan:
@@ -187,6 +188,8 @@ class _Planner:
                                                            / self.T)
                     for cand in self.first_candidates(base, winner, tough):
                         self.try_candidate(block, x, y, cand)
+                    if self.freeze_pref is None:
+                        self.freeze_pref = self.faster_freeze(b, base)
                     if tough:
                         self.walk_segments(block, x, y, base)
                 winner, x = self.best_cand, self.best_out
@@ -228,13 +231,20 @@ class _Planner:
         """Jacobi in each worthwhile dtype and the sequential loop, likeliest winner first (it
         sets a tight budget for the rest): the previous block's winning kind, or for the first
         block the cheaper by a prior estimate from the pass probe, N - 1 single-token steps
-        against 8 (tough block) or 4 full passes."""
-        order = [replace(base, net_dtype=d) for d in self.dtypes_for(1)]
+        against 8 (tough block) or 4 full passes.
+
+        Jacobi comes with and without freezing (the frontier and a K/V cache, or whole causal
+        passes without one) on the first block; later blocks get the variant that was faster
+        there (``freeze_pref``): which pays is a matter of pass cost, the same in every block.
+        """
+        freezes = (True, False) if self.freeze_pref is None else (self.freeze_pref,)
+        order = [replace(base, net_dtype=d, freeze=f) for d in self.dtypes_for(1)
+                 for f in freezes]
         seq = BlockSchedule(SEQUENTIAL, None, "z", self.tol)  # no guess, no network copy
         order.append(seq)
         if winner is not None:
             guess = seq if winner.segments == SEQUENTIAL else replace(
-                base, net_dtype=winner.net_dtype)
+                base, net_dtype=winner.net_dtype, freeze=freezes[0])
         else:
             steps = (self.N - 1) * self.pass_seconds[(None, "one")]
             passes = (8 if tough else 4) * self.pass_seconds[(None, "long")]
@@ -243,6 +253,18 @@ class _Planner:
             order.remove(guess)
             order.insert(0, guess)
         return order
+
+    def faster_freeze(self, b: int, base: BlockSchedule) -> bool:
+        """Whether Jacobi with freezing was faster than without on block ``b`` (ties and
+        stopped runs: with, the default)."""
+        d = self.dtypes_for(1)[0]
+        with_, without = (self.table[b].get(self.label(replace(base, net_dtype=d, freeze=f)))
+                          for f in (True, False))
+        if without is None or not without.complete:
+            return True
+        if with_ is None or not with_.complete:
+            return False
+        return with_.cost <= without.cost
 
     def walk_segments(self, block, x: torch.Tensor, y, base: BlockSchedule) -> None:
         """More segments, upwards from Jacobi, per dtype, while each step is faster."""
@@ -319,14 +341,22 @@ def _as_schedule(chosen: dict[int, BlockSchedule]) -> SamplingSchedule:
 # ------------------------------------------------------------------------------ measuring
 def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance, net,
              budget: float | None) -> tuple[float, torch.Tensor | None, int]:
-    # net: the low-precision copy of this block, or None
-    """(seconds, block output or None if abandoned, critical-path passes) of one candidate."""
+    """(seconds, block output or None if abandoned, critical-path passes) of one candidate.
+
+    ``net`` is the block's low-precision copy or None. An abandoned Jacobi run reports the time
+    it was stopped at (a lower bound); an abandoned sequential loop reports that time scaled to
+    all N - 1 steps (its steps cost nearly the same), which is what makes a plan's predicted
+    speed-up over sequential an estimate rather than a bound.
+    """
     N = block.num_patches
     _sync(x.device)
     t0 = time.perf_counter()
     deadline = None if budget is None else t0 + budget
+    steps = [0]  # sequential steps done
 
-    def stop_if_late(_info=None) -> None:
+    def stop_if_late(info=None) -> None:
+        if isinstance(info, int):
+            steps[0] = info + 1
         if time.perf_counter() > deadline:
             raise _OverBudget
 
@@ -339,7 +369,10 @@ def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance,
                                          callback=callback, net=net)
             iters = stats.total_iters
     except _OverBudget:
-        return time.perf_counter() - t0, None, 0
+        seconds = time.perf_counter() - t0
+        if cand.is_sequential(N):
+            seconds *= (N - 1) / max(steps[0], 1)
+        return seconds, None, 0
     _sync(x.device)
     return time.perf_counter() - t0, out, iters
 
