@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,24 +40,33 @@ class Candidate:
     Attributes:
         label: the setting in the explicit schedule form (``seq``, ``S4/zeros/bf16``, ...).
         seconds: per timed round, the measured wall time; an abandoned run records the time at
-            which it was stopped (a lower bound, see ``complete``).
-        complete: False when any timed run was stopped for exceeding the budget.
-        iters: network passes on the critical path in the last run (sequential: N - 1).
+            which it was stopped (a lower bound).
+        aborted: how many of those runs were stopped for exceeding the budget.
+        iters: network passes on the critical path in the last complete run (sequential: N - 1).
     """
 
     label: str
     seconds: list[float] = field(default_factory=list)
-    complete: bool = True
+    aborted: int = 0
     iters: int = 0
 
     @property
-    def mean(self) -> float:
-        return sum(self.seconds) / len(self.seconds) if self.seconds else float("inf")
+    def complete(self) -> bool:
+        return self.aborted == 0
+
+    @property
+    def cost(self) -> float:
+        """Median seconds over the timed rounds: a one-off stall of the machine (they only ever
+        make a run slower) moves a median of three runs not at all."""
+        return statistics.median(self.seconds) if self.seconds else float("inf")
 
     def describe(self) -> str:
-        ms = f"{self.mean * 1e3:.1f} ms"
+        ms = f"{self.cost * 1e3:.1f} ms"
         runs = f" (x{len(self.seconds)})" if len(self.seconds) > 1 else ""
-        return (ms if self.complete else f">{ms}") + runs
+        # A stopped sequential loop is extrapolated from its steps; anything else stopped is
+        # known only to cost more than the time it was stopped at.
+        mark = "" if self.complete else ("~" if self.label == "seq" else ">")
+        return mark + ms + runs
 
 
 @dataclass
@@ -78,9 +88,9 @@ class Plan:
     Attributes:
         schedule: the schedule to sample with.
         blocks: per forward block, the choice and its candidates.
-        predicted_seconds: sum over blocks of the chosen candidates' mean seconds.
-        sequential_seconds: the same for the sequential loop (a lower bound when it was stopped
-            early in some block: see ``sequential_complete``).
+        predicted_seconds: sum over blocks of the chosen candidates' median seconds.
+        sequential_seconds: the same for the sequential loop (extrapolated from the steps it
+            ran where it was stopped early: see ``sequential_complete``).
         planning_seconds: wall time spent planning (0 when loaded from a cache).
         key: what decided the plan (:func:`plan_key`).
         shares: CRM share per block (percent) of the ranking the plan was made under.
@@ -103,7 +113,7 @@ class Plan:
 
     def summary(self) -> str:
         """One line: schedule, predicted time and speed-up, planning cost or cache."""
-        bound = "" if self.sequential_complete else ">="
+        bound = "" if self.sequential_complete else "~"
         calls = self.planning_seconds / max(self.predicted_seconds, 1e-12)
         how = ("reused from cache" if self.source == "cache"
                else f"planned in {self.planning_seconds:.2f} s = {calls:.1f} calls")
@@ -113,15 +123,15 @@ class Plan:
 
     def rows(self) -> tuple[list[str], list[list[Any]]]:
         """Table of the plan: one row per block and candidate (the ``sampling/plan`` table)."""
-        columns = ["block", "candidate", "chosen", "mean_ms", "complete", "iters", "rounds"]
-        rows = [[bp.block, c.label, c.label == bp.choice, round(c.mean * 1e3, 3), c.complete,
+        columns = ["block", "candidate", "chosen", "median_ms", "complete", "iters", "rounds"]
+        rows = [[bp.block, c.label, c.label == bp.choice, round(c.cost * 1e3, 3), c.complete,
                  c.iters, len(c.seconds)]
                 for bp in sorted(self.blocks, key=lambda bp: -bp.block) for c in bp.candidates]
         return columns, rows
 
     def table(self) -> str:
         """Plain text: per block (sampling order) the choice and every candidate's cost."""
-        lines = [self.summary(), f"{'block':>5}  {'choice':<16} candidates (mean per call)"]
+        lines = [self.summary(), f"{'block':>5}  {'choice':<16} candidates (median per call)"]
         for bp in sorted(self.blocks, key=lambda bp: -bp.block):
             cands = ", ".join(f"{c.label} {c.describe()}" for c in bp.candidates)
             lines.append(f"{bp.block:>5}  {bp.choice:<16} {cands}")

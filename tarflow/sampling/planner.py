@@ -16,16 +16,18 @@ and keeps the fastest:
   short probe of single network passes shows it is faster at that segment length.
 
 All candidates stop at the same tolerance, so they are equally accurate. Each block is fed the
-output of the previous block's fastest candidate (what it will see when sampling), and the first
-probe round starts from fresh noise; later rounds use other noise and re-time only the close
-calls (within ``keep`` of the best), so a choice does not rest on one lucky draw.
+output of the previous block's fastest candidate (what it will see when sampling). Later probe
+rounds use other noise and re-time only the close calls (within ``keep`` of the best); a third
+round runs only for blocks where two rounds disagree, and a candidate's cost is its median over
+rounds, so a choice rests neither on one lucky draw nor on one stall of the machine (stalls only
+ever make a run slower). The garbage collector is paused while planning.
 
 Cost control. Candidates of a block run best guess first: the previous block's winner, then
 Jacobi, then the sequential loop, then more segments. A candidate still running after ``margin``
 times the best time so far is stopped (through the solver's per-iteration callback), so a
 losing candidate costs at most ``margin`` x the winner. A plan therefore costs about (number of
-candidates per block + the re-timed rounds) x one sampling call: 3-8 calls in practice
-(``Plan.planning_seconds`` says; docs/benchmarks.md lists measured values). Plans are cached
+candidates per block + the re-timed rounds) x one sampling call: 3-7 calls on the demo model
+(``Plan.summary`` states it; docs/benchmarks.md lists measured values). Plans are cached
 (``tarflow.sampling.plan.PlanCache``), so this is paid once per model, device and batch.
 
 How often to test convergence (``check_every``) follows from the same measurements: a test costs
@@ -36,6 +38,7 @@ per segment; the best k is about sqrt(2 I t_test / t_pass) for I iterations per 
 
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -65,7 +68,8 @@ class PlannerOptions:
     """Knobs of :func:`plan_schedule` (defaults are what the sampler configs use).
 
     Attributes:
-        rounds: probe rounds (round 0 times every candidate, later rounds the close calls).
+        rounds: probe rounds at most (round 0 times every candidate, later rounds the close
+            calls; a third round runs only where two disagree on a block's fastest).
         margin: abandon a candidate once it has run this many times the best time so far.
         keep: re-time candidates within this factor of the best in later rounds.
         segments: GS segment counts tried (upwards) for tough blocks.
@@ -76,9 +80,9 @@ class PlannerOptions:
         max_check_every: the largest convergence-test interval chosen.
     """
 
-    rounds: int = 2
+    rounds: int = 3
     margin: float = 1.25
-    keep: float = 1.1
+    keep: float = 1.5
     segments: tuple[int, ...] = (2, 4, 8, 16)
     tough_factor: float = 1.5
     dtype_gain: float = 0.95
@@ -139,19 +143,36 @@ class _Planner:
         self.table: dict[int, dict[str, Candidate]] = {b: {} for b in range(self.T)}
         self.settings: dict[int, dict[str, BlockSchedule]] = {b: {} for b in range(self.T)}
         self.pass_seconds: dict[tuple[str | None, str], float] = {}
+        self.freeze_pref: bool | None = None  # Jacobi with freezing beat without, on block T-1
 
     # ------------------------------------------------------------------------- the search
     def run(self) -> Plan:
+        # Collector pauses land on whichever candidate runs then: pause it, as timeit does.
+        # (No full collection first: in a process holding a training run it takes longer
+        # than the whole plan.)
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self.search()
+        finally:
+            if enabled:
+                gc.enable()
+
+    def search(self) -> Plan:
         noise, y = self.inputs(0)
         self.pass_seconds = _pass_seconds(self.model, self.nets, noise, y, self.guidance)
         ranks = {r.block: r for r in self.ranking or []}
         alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
         winner: BlockSchedule | None = None
+        firsts: dict[int, list[str]] = {b: [] for b in range(self.T)}  # each round's fastest
         for r in range(self.opt.rounds):
             if alive is not None:
                 alive = {b: self.close(b, labels) for b, labels in alive.items()}
                 if all(len(labels) == 1 for labels in alive.values()):
                     break  # no close calls left to settle
+                if r >= 2 and all(self.settled(b, labels, firsts[b])
+                                  for b, labels in alive.items()):
+                    break  # two rounds on different noise agree, or it is a tie
                 noise, y = self.inputs(r)
             x = noise
             for block in reversed(self.model.blocks):
@@ -167,9 +188,12 @@ class _Planner:
                                                            / self.T)
                     for cand in self.first_candidates(base, winner, tough):
                         self.try_candidate(block, x, y, cand)
+                    if self.freeze_pref is None:
+                        self.freeze_pref = self.faster_freeze(b, base)
                     if tough:
                         self.walk_segments(block, x, y, base)
                 winner, x = self.best_cand, self.best_out
+                firsts[b].append(self.label(winner))
             if alive is None:
                 alive = {b: list(self.table[b]) for b in range(self.T)}
         return self.plan({b: self.close(b, labels)[0] for b, labels in alive.items()}, noise)
@@ -196,7 +220,7 @@ class _Planner:
             seconds = self.timer(b, cand, seconds)
         entry.seconds.append(seconds)
         if out is None:
-            entry.complete = False
+            entry.aborted += 1
             return
         entry.iters = iters
         if seconds < self.best:
@@ -207,13 +231,20 @@ class _Planner:
         """Jacobi in each worthwhile dtype and the sequential loop, likeliest winner first (it
         sets a tight budget for the rest): the previous block's winning kind, or for the first
         block the cheaper by a prior estimate from the pass probe, N - 1 single-token steps
-        against 8 (tough block) or 4 full passes."""
-        order = [replace(base, net_dtype=d) for d in self.dtypes_for(1)]
+        against 8 (tough block) or 4 full passes.
+
+        Jacobi comes with and without freezing (the frontier and a K/V cache, or whole causal
+        passes without one) on the first block; later blocks get the variant that was faster
+        there (``freeze_pref``): which pays is a matter of pass cost, the same in every block.
+        """
+        freezes = (True, False) if self.freeze_pref is None else (self.freeze_pref,)
+        order = [replace(base, net_dtype=d, freeze=f) for d in self.dtypes_for(1)
+                 for f in freezes]
         seq = BlockSchedule(SEQUENTIAL, None, "z", self.tol)  # no guess, no network copy
         order.append(seq)
         if winner is not None:
             guess = seq if winner.segments == SEQUENTIAL else replace(
-                base, net_dtype=winner.net_dtype)
+                base, net_dtype=winner.net_dtype, freeze=freezes[0])
         else:
             steps = (self.N - 1) * self.pass_seconds[(None, "one")]
             passes = (8 if tough else 4) * self.pass_seconds[(None, "long")]
@@ -222,6 +253,18 @@ class _Planner:
             order.remove(guess)
             order.insert(0, guess)
         return order
+
+    def faster_freeze(self, b: int, base: BlockSchedule) -> bool:
+        """Whether Jacobi with freezing was faster than without on block ``b`` (ties and
+        stopped runs: with, the default)."""
+        d = self.dtypes_for(1)[0]
+        with_, without = (self.table[b].get(self.label(replace(base, net_dtype=d, freeze=f)))
+                          for f in (True, False))
+        if without is None or not without.complete:
+            return True
+        if with_ is None or not with_.complete:
+            return False
+        return with_.cost <= without.cost
 
     def walk_segments(self, block, x: torch.Tensor, y, base: BlockSchedule) -> None:
         """More segments, upwards from Jacobi, per dtype, while each step is faster."""
@@ -234,7 +277,7 @@ class _Planner:
                 cand = replace(base, segments=S, net_dtype=d)
                 self.try_candidate(block, x, y, cand)
                 now = entries[self.label(cand)]
-                if not now.complete or (prev is not None and now.mean >= prev.mean):
+                if not now.complete or (prev is not None and now.cost >= prev.cost):
                     break
                 prev = now
 
@@ -250,11 +293,24 @@ class _Planner:
         return ([] if clearly else [None]) + faster
 
     def close(self, b: int, labels: list[str]) -> list[str]:
-        """Complete candidates within ``keep`` of the best mean, best first."""
+        """Candidates whose median is within ``keep`` of the best, best first. One stopped
+        only now and then stays in (a stall of the machine may have stopped it); the best must
+        have finished a run."""
         entries = self.table[b]
-        done = sorted((lb for lb in labels if entries[lb].complete),
-                      key=lambda lb: entries[lb].mean)
-        return [lb for lb in done if entries[lb].mean <= self.opt.keep * entries[done[0]].mean]
+        ran = sorted((lb for lb in labels if entries[lb].aborted < len(entries[lb].seconds)),
+                     key=lambda lb: entries[lb].cost)
+        best = entries[ran[0]].cost
+        return [lb for lb in sorted(labels, key=lambda lb: entries[lb].cost)
+                if entries[lb].cost <= self.opt.keep * best and
+                (lb == ran[0] or entries[lb].aborted <= len(entries[lb].seconds) // 2)]
+
+    def settled(self, b: int, labels: list[str], firsts: list[str]) -> bool:
+        """Whether a block needs no further round: one candidate left, the last two rounds'
+        fastest agree, or the two best medians are within 3% (either choice is as good)."""
+        if len(labels) < 2 or firsts[-1] == firsts[-2]:
+            return True
+        a, b2 = (self.table[b][lb].cost for lb in labels[:2])
+        return b2 <= 1.03 * a
 
     def label(self, cand: BlockSchedule) -> str:
         return format_block(cand, self.tol)
@@ -262,14 +318,14 @@ class _Planner:
     # ------------------------------------------------------------------------- the result
     def plan(self, choice: dict[int, str], noise: torch.Tensor) -> Plan:
         chosen = {b: self.settings[b][label] for b, label in choice.items()}
-        predicted = sum(self.table[b][label].mean for b, label in choice.items())
+        predicted = sum(self.table[b][label].cost for b, label in choice.items())
         chosen = _with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
                                      noise, self.tol, self.opt.max_check_every)
         blocks = [BlockPlan(b, self.label(chosen[b]), list(self.table[b].values()))
                   for b in range(self.T)]
         seq = [self.table[b].get("seq") for b in range(self.T)]
         return Plan(_as_schedule(chosen), blocks, predicted,
-                    sum(c.mean for c in seq if c is not None),
+                    sum(c.cost for c in seq if c is not None),
                     all(c is not None and c.complete for c in seq),
                     planning_seconds=time.perf_counter() - self.t_start,
                     shares={r.block: r.share for r in self.ranking} if self.ranking else None)
@@ -285,14 +341,22 @@ def _as_schedule(chosen: dict[int, BlockSchedule]) -> SamplingSchedule:
 # ------------------------------------------------------------------------------ measuring
 def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance, net,
              budget: float | None) -> tuple[float, torch.Tensor | None, int]:
-    # net: the low-precision copy of this block, or None
-    """(seconds, block output or None if abandoned, critical-path passes) of one candidate."""
+    """(seconds, block output or None if abandoned, critical-path passes) of one candidate.
+
+    ``net`` is the block's low-precision copy or None. An abandoned Jacobi run reports the time
+    it was stopped at (a lower bound); an abandoned sequential loop reports that time scaled to
+    all N - 1 steps (its steps cost nearly the same), which is what makes a plan's predicted
+    speed-up over sequential an estimate rather than a bound.
+    """
     N = block.num_patches
     _sync(x.device)
     t0 = time.perf_counter()
     deadline = None if budget is None else t0 + budget
+    steps = [0]  # sequential steps done
 
-    def stop_if_late(_info=None) -> None:
+    def stop_if_late(info=None) -> None:
+        if isinstance(info, int):
+            steps[0] = info + 1
         if time.perf_counter() > deadline:
             raise _OverBudget
 
@@ -305,7 +369,10 @@ def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance,
                                          callback=callback, net=net)
             iters = stats.total_iters
     except _OverBudget:
-        return time.perf_counter() - t0, None, 0
+        seconds = time.perf_counter() - t0
+        if cand.is_sequential(N):
+            seconds *= (N - 1) / max(steps[0], 1)
+        return seconds, None, 0
     _sync(x.device)
     return time.perf_counter() - t0, out, iters
 
@@ -357,7 +424,7 @@ def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candi
             continue
         S = len(s.boundaries(N)) - 1
         L = max(1, N // S)
-        t_pass = entry.mean / entry.iters
+        t_pass = entry.cost / entry.iters
         t_test = _test_seconds(noise[:, :L], tol)
         per_segment = entry.iters / S
         k = round(math.sqrt(2 * per_segment * t_test / max(t_pass, 1e-12)))

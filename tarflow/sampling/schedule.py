@@ -44,9 +44,13 @@ class BlockSchedule:
         init: initial guess, "z" (the block's sampling input) or "zeros" ([z_0, 0, ..., 0]).
         tol: stop a sample once its relative residual mean((X' - X)^2) / mean(X'^2), computed in
             float32 over the segment, is <= tol. 0 stops only at an exact fixed point.
-        freeze: stop feeding the leading positions whose change is already within ``tol`` for
-            every active sample (their cached K/V are kept). Exact at tol = 0; saves compute
-            where Jacobi converges front to back.
+        freeze: feed only the unfinished part of a segment: positions behind the exact frontier
+            (one more per iteration) and leading positions whose change is within ``tol`` for
+            every active sample stop being fed; their cached K/V are kept. Exact at tol = 0;
+            saves compute where a pass costs in proportion to its tokens. False feeds the whole
+            segment every iteration; a single-segment block then needs no K/V cache at all
+            (full causal passes, as the reference loop), cheaper where a pass costs about the
+            same whatever its length (small batches).
         check_every: test convergence (residual, freezing, early exit) every k-th iteration and
             on the segment's last one. A test costs a host sync and a few small kernels; where
             a network pass is cheap, testing less often pays (the planner decides).

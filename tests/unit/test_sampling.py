@@ -179,3 +179,39 @@ def test_freezing_feeds_fewer_tokens_at_a_tolerance(monkeypatch):
         fed[freeze] = sum(counts)
     assert fed[True] < fed[False]
     assert (outs[True] - outs[False]).abs().max() < 1e-2
+
+
+def test_unfrozen_single_segment_runs_without_a_cache_and_stays_exact(monkeypatch):
+    model = make_model(3)
+    z, y = _noise(model), torch.tensor([0, 1, 2, -1])
+    ref = sample_sequential(model, z, y, guidance=1.0)
+
+    def no_cache(*args, **kwargs):
+        raise AssertionError("a K/V cache was allocated")
+
+    for block in model.blocks:
+        monkeypatch.setattr(block, "new_cache", no_cache)
+    N = model.config.num_patches
+    for schedule in (BlockSchedule(1, None, "z", 0.0, freeze=False),  # asked for
+                     BlockSchedule(1, 3, "z", 0.0)):  # tol 0, short cap: nothing could freeze
+        out, _ = sample(model, z, y, SamplingSchedule(default=schedule), guidance=1.0)
+        if schedule.max_iters is None:
+            torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    # A long cap at tol 0 still uses the frontier (and its cache).
+    with pytest.raises(AssertionError, match="cache was allocated"):
+        sample(model, z, y, SamplingSchedule(default=BlockSchedule(1, N - 1, "z", 0.0)),
+               guidance=1.0)
+
+
+@pytest.mark.parametrize(("L", "front", "window"), [
+    (63, 0, (0, 64)),  # the first segment: the last token rounds 63 up to 64
+    (63, 10, (7, 63)),  # three frozen tokens round 53 up to 56
+    (63, 5, (5, 63)),  # 58 -> 64 would cost 6 tokens, more than a sixteenth: unpadded
+    (8, 3, (3, 8)),  # short windows stay as they are
+    (63, 62, (62, 63)),
+])
+def test_fed_window_is_padded_to_whole_tiles_only_when_cheap(L, front, window):
+    from tarflow.sampling.jacobi import _window
+
+    j0, j1 = _window(L, front)
+    assert (j0, j1) == window and j0 <= front and j1 >= L
