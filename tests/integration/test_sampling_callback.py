@@ -115,7 +115,7 @@ def test_logs_every_key_to_csv_and_wandb(tmp_path: Path) -> None:
     for stem in ("samples_grid", "blocks_crm_chart", "sampling_convergence"):
         assert len(list(media.glob(f"{stem}_epoch000_*.png"))) == 1, stem
     plan = list(csv.reader(open(next(media.glob("sampling_plan_epoch000_*.csv")))))
-    assert plan[0][:4] == ["block", "candidate", "chosen", "mean_ms"]
+    assert plan[0][:4] == ["block", "candidate", "chosen", "median_ms"]
     assert {r[0] for r in plan[1:]} == {"0", "1"} and "seq" in {r[1] for r in plan[1:]}
     assert sum(r[2] == "True" for r in plan[1:]) == 2  # one choice per block
     table = list(csv.reader(open(next(media.glob("blocks_ranking_*.csv")))))
