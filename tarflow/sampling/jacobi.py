@@ -67,45 +67,47 @@ def relative_residual(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     At least float32 because a bf16 difference of nearly equal iterates is meaningless; float64
     iterates keep float64 so that tol = 0 means an exact fixed point in the working precision.
     """
-    return _position_change(new - old, new).mean(1)
-
-
-def _position_change(delta: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
-    """(B, L') per-position mean squared change over D, relative to the segment's mean square.
-
-    Their sum over the segment's L positions, divided by L, is the segment's relative residual;
-    one pass gives both the stopping test and the freezing test.
-
-    Args:
-        delta: (B, L', D) the change of the updated tail of the segment (new - old).
-        segment: (B, L, D) the whole segment after the step (L >= L').
-    """
-    dtype = torch.promote_types(delta.dtype, torch.float32)
-    scale = segment.to(dtype).square().flatten(1).mean(1, keepdim=True).clamp_min(1e-30)
-    return delta.to(dtype).square().mean(-1) / scale
+    return convergence_test(new - old, new, 0.0, False)[0]
 
 
 def convergence_test(delta: torch.Tensor, segment: torch.Tensor, tol: float, freeze: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, int, bool, bool]:
-    """One convergence test of a segment, with a single read-back to the host.
+                     ) -> tuple[torch.Tensor, int, bool]:
+    """One convergence test of a segment: few kernels and a single read-back to the host.
+
+    The relative residual of a sample is mean(delta^2) / mean(segment^2) over the segment's
+    L positions and D dims, with frozen positions contributing no change; as sums, that is
+    sum(delta^2) / sum(segment^2). A position may freeze when its own share of it, times L
+    (its mean squared change relative to the segment's), is within tol for every sample.
 
     Args:
         delta: (B, L', D) change of the unfrozen tail; segment: (B, L, D) the segment after it.
 
     Returns:
-        (residual (B,), done (B,) bool: converged or non-finite, how many further leading
-        positions may freeze (every sample within tol; 0 without ``freeze``), whether any
-        sample is done, whether any is non-finite).
+        (residual (B,) in >= float32, how many further leading positions may freeze (0
+        without ``freeze``), whether any sample is done: converged, or non-finite).
     """
-    change = _position_change(delta, segment)  # (B, L')
-    res = change.sum(1) / segment.shape[1]  # (B,) relative residual of the whole segment
-    finite = res < float("inf")  # NaN compares False too
-    done = ~((res > tol) & finite)  # converged, or broken: to be retired either way
-    flags = [done.any(), ~finite.all()]
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    if delta.dtype != dtype:
+        delta, segment = delta.to(dtype), segment.to(dtype)
     if freeze:
-        flags.append((change.amax(0) <= tol).int().cumprod(0).sum())
-    values = torch.stack([f.to(torch.long) for f in flags]).tolist()
-    return res, done, values[2] if freeze else 0, bool(values[0]), bool(values[1])
+        power = segment.square().sum((1, 2)).clamp_min(1e-30)  # (B,)
+        share = delta.square().sum(-1) / power[:, None]  # (B, L'): position shares of res
+        res = share.sum(1)
+        lead = (share.amax(0) <= tol / segment.shape[1]).to(dtype).cumprod(0).sum()
+    else:  # fewest kernels: this is the only test of a fixed-count solve
+        res = (torch.linalg.vector_norm(delta, dim=(1, 2))
+               / torch.linalg.vector_norm(segment, dim=(1, 2)).clamp_min(1e-15)).square()
+    # NaN and inf count as done (-1): one minimum says whether any sample is.
+    low = torch.nan_to_num(res, nan=-1.0, posinf=-1.0).amin()
+    if not freeze:
+        return res, 0, low.item() <= tol
+    low, lead = torch.stack([low, lead]).tolist()
+    return res, int(lead), low <= tol
+
+
+def _done(res: torch.Tensor, tol: float) -> torch.Tensor:
+    """(B,) bool: converged, or non-finite (NaN compares False both ways)."""
+    return ~((res > tol) & (res < float("inf")))
 
 
 def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
@@ -238,8 +240,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             # With ``freeze``, every further leading position whose change is within tol for
             # all active samples stops too (exact at tol = 0: an unchanged prefix is a fixed
             # point, hence the solution).
-            res, done, lead, any_done, any_bad = convergence_test(delta, seg_x[:, 1:], tol,
-                                                                  step > 0)
+            res, lead, any_done = convergence_test(delta, seg_x[:, 1:], tol, step > 0)
             front = min(front + max(step, lead), L)
             last = last or front == L
             if callback is not None:
@@ -251,15 +252,16 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             if last and in_place:  # every sample finishes here, already in xp
                 stats.sample_iters += ran
                 torch.maximum(stats.residual, res.float(), out=stats.residual)
-                broken += _non_finite(res, rows) if any_bad else []
+                broken += _non_finite(res, rows) if any_done else []
                 break
+            done = _done(res, tol)
             leave = torch.ones_like(done) if last else done
             gone = rows[leave]
             if not in_place:
                 xp[gone, p:e] = seg_x[leave, 1:]
             stats.sample_iters[gone] += ran
             stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave].float())
-            broken += _non_finite(res, rows) if any_bad else []
+            broken += _non_finite(res, rows) if any_done else []
             if not cacheless and work is not cache:
                 local = _net_rows(leave.nonzero().squeeze(1), rows.numel(), guided)
                 cache.put(_net_rows(gone, B, guided), _slice(work, local), p - 1, e - 1)
@@ -295,7 +297,8 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
 
 def _non_finite(res: torch.Tensor, rows: torch.Tensor) -> list[int]:
     """Sample ids among ``rows`` whose residual (hence iterate) is not finite."""
-    return rows[~torch.isfinite(res)].tolist()
+    bad = ~torch.isfinite(res)
+    return rows[bad].tolist() if bool(bad.any()) else []
 
 
 def _window(L: int, front: int, align: int = 8) -> tuple[int, int]:
