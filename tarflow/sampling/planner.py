@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import gc
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -48,19 +47,14 @@ from dataclasses import dataclass, replace
 import torch
 
 from tarflow.model import Guidance, TarFlow
-from tarflow.sampling.jacobi import convergence_test, gs_jacobi_block
 from tarflow.sampling.plan import BlockPlan, Candidate, Plan
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.ranking import BlockRank
-from tarflow.sampling.sample import _sync
 from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule, format_block
+from tarflow.sampling.timing import pass_seconds, test_seconds, time_candidate
 
 # timer(block, candidate, measured seconds) -> seconds to use. Tests inject costs through it.
 Timer = Callable[[int, BlockSchedule, float], float]
-
-
-class _OverBudget(Exception):
-    """Raised from a solver callback to abandon a candidate that is already too slow."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +154,7 @@ class _Planner:
 
     def search(self) -> Plan:
         noise, y = self.inputs(0)
-        self.pass_seconds = _pass_seconds(self.model, self.nets, noise, y, self.guidance)
+        self.pass_seconds = pass_seconds(self.model, self.nets, noise, y, self.guidance)
         ranks = {r.block: r for r in self.ranking or []}
         alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
         winner: BlockSchedule | None = None
@@ -214,8 +208,8 @@ class _Planner:
         budget = (None if self.timer is not None or math.isinf(self.best)
                   else self.opt.margin * self.best)
         net = self.nets.get(cand.net_dtype)
-        seconds, out, iters = _measure(block, x, y, cand, self.guidance,
-                                       None if net is None else net.blocks[b], budget)
+        seconds, out, iters = time_candidate(block, x, y, cand, self.guidance,
+                                             None if net is None else net.blocks[b], budget)
         if self.timer is not None:
             seconds = self.timer(b, cand, seconds)
         entry.seconds.append(seconds)
@@ -338,77 +332,6 @@ def _as_schedule(chosen: dict[int, BlockSchedule]) -> SamplingSchedule:
     return SamplingSchedule({b: s for b, s in chosen.items() if s != default}, default)
 
 
-# ------------------------------------------------------------------------------ measuring
-def _measure(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance, net,
-             budget: float | None) -> tuple[float, torch.Tensor | None, int]:
-    """(seconds, block output or None if abandoned, critical-path passes) of one candidate.
-
-    ``net`` is the block's low-precision copy or None. An abandoned Jacobi run reports the time
-    it was stopped at (a lower bound); an abandoned sequential loop reports that time scaled to
-    all N - 1 steps (its steps cost nearly the same), which is what makes a plan's predicted
-    speed-up over sequential an estimate rather than a bound.
-    """
-    N = block.num_patches
-    _sync(x.device)
-    t0 = time.perf_counter()
-    deadline = None if budget is None else t0 + budget
-    steps = [0]  # sequential steps done
-
-    def stop_if_late(info=None) -> None:
-        if isinstance(info, int):
-            steps[0] = info + 1
-        if time.perf_counter() > deadline:
-            raise _OverBudget
-
-    callback = None if deadline is None else stop_if_late
-    try:
-        if cand.is_sequential(N):
-            out, iters = block.reverse(x, y, guidance=guidance, callback=callback), N - 1
-        else:
-            out, stats = gs_jacobi_block(block, x, y, cand, guidance=guidance,
-                                         callback=callback, net=net)
-            iters = stats.total_iters
-    except _OverBudget:
-        seconds = time.perf_counter() - t0
-        if cand.is_sequential(N):
-            seconds *= (N - 1) / max(steps[0], 1)
-        return seconds, None, 0
-    _sync(x.device)
-    return time.perf_counter() - t0, out, iters
-
-
-def _pass_seconds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, y,
-                  guidance: Guidance) -> dict[tuple[str | None, str], float]:
-    """Seconds of one network pass of the first sampled block at the sampling batch, per
-    network dtype (None: full precision) and feed: "long" (N - 1 tokens: Jacobi), "short"
-    (N / 8 tokens: GS) and "one" (a sequential step). Also warms up the kernels the candidates
-    use, so that no candidate pays a first call."""
-    block = model.blocks[-1]
-    B, N = noise.shape[:2]
-    feeds = {"long": (0, N - 1), "short": (N - 1 - max(1, N // 8), N - 1),
-             "one": (N - 2, N - 1)}
-    rows = B * (2 if guidance.active else 1)
-    times: dict[tuple[str | None, str], float] = {}
-    for d, net in [(None, model), *nets.items()]:
-        nb = net.blocks[block.index]
-        ndtype = next(nb.parameters()).dtype
-        cache = nb.new_cache(rows, dtype=ndtype, device=noise.device)
-        cond = nb.class_bias(guidance.labels(y, B, noise.device))
-        q_scale = guidance.q_scale(B, noise.device, ndtype)
-        for length, (s, e) in feeds.items():
-            fed = guidance.expand(noise[:, s:e]).to(ndtype)
-            samples = []
-            for rep in range(3):  # the first call warms up
-                _sync(noise.device)
-                t0 = time.perf_counter()
-                nb.predict(fed, cond=cond, start=s, cache=cache, q_scale=q_scale)
-                _sync(noise.device)
-                if rep:
-                    samples.append(time.perf_counter() - t0)
-            times[(d, length)] = min(samples)
-    return times
-
-
 def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candidate],
                         noise: torch.Tensor, tol: float, max_every: int
                         ) -> dict[int, BlockSchedule]:
@@ -425,20 +348,8 @@ def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candi
         S = len(s.boundaries(N)) - 1
         L = max(1, N // S)
         t_pass = entry.cost / entry.iters
-        t_test = _test_seconds(noise[:, :L], tol)
+        t_test = test_seconds(noise[:, :L], tol)
         per_segment = entry.iters / S
         k = round(math.sqrt(2 * per_segment * t_test / max(t_pass, 1e-12)))
         out[b] = replace(s, check_every=max(1, min(max_every, k)))
     return out
-
-
-def _test_seconds(segment: torch.Tensor, tol: float) -> float:
-    """Median wall time of one convergence test on a segment of this shape."""
-    delta = segment * 1e-3
-    samples = []
-    for _ in range(5):
-        _sync(segment.device)
-        t0 = time.perf_counter()
-        convergence_test(delta, segment, tol, True)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)

@@ -65,3 +65,16 @@ def test_ddp_ranks_sample_with_rank_zeros_plan(tmp_path: Path) -> None:
     schedules = {str(np.load(p)["schedule"]) for p in out.glob("*.npz")}
     assert len(list(out.glob("*.npz"))) == 2
     assert schedules == {"{else:seq} tol=1e-05"}  # rank 0's plan, although rank 1 would differ
+
+
+def test_a_sequential_plan_is_compared_as_the_same_computation(tmp_path: Path) -> None:
+    """A plan that is the sequential loop everywhere: speed-up exactly 1 and error 0, not the
+    noise between two runs of one computation; any other schedule is really timed."""
+    from tarflow.sampling import SamplingSchedule, parse_schedule
+
+    cb = tiny_callback(tmp_path, compare_sequential=3)
+    net = tiny_module().net.eval()
+    fast, exact, count, err = cb._compare(net, parse_schedule("{else:seq}"), [0, 1, 2, 3])
+    assert fast == exact > 0 and count == 3 and err == 0.0
+    fast, exact, count, err = cb._compare(net, SamplingSchedule.jacobi(2), [0, 1, 2, 3])
+    assert fast != exact and err > 0

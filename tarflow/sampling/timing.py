@@ -1,0 +1,100 @@
+"""Timing for the planner: one candidate on one block (stopped past a budget), single network
+passes, and a convergence test, each on the device and batch that will sample."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from tarflow.model import Guidance, TarFlow
+from tarflow.sampling.jacobi import convergence_test, gs_jacobi_block
+from tarflow.sampling.sample import _sync
+from tarflow.sampling.schedule import BlockSchedule
+
+
+class OverBudget(Exception):
+    """Raised from a solver callback to abandon a candidate that is already too slow."""
+
+
+def time_candidate(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance, net,
+                   budget: float | None) -> tuple[float, torch.Tensor | None, int]:
+    """(seconds, block output or None if abandoned, critical-path passes) of one candidate.
+
+    ``net`` is the block's low-precision copy or None. An abandoned Jacobi run reports the time
+    it was stopped at (a lower bound); an abandoned sequential loop reports that time scaled to
+    all N - 1 steps (its steps cost nearly the same), which is what makes a plan's predicted
+    speed-up over sequential an estimate rather than a bound.
+    """
+    N = block.num_patches
+    _sync(x.device)
+    t0 = time.perf_counter()
+    deadline = None if budget is None else t0 + budget
+    steps = [0]  # sequential steps done
+
+    def stop_if_late(info=None) -> None:
+        if isinstance(info, int):
+            steps[0] = info + 1
+        if time.perf_counter() > deadline:
+            raise OverBudget
+
+    callback = None if deadline is None else stop_if_late
+    try:
+        if cand.is_sequential(N):
+            out, iters = block.reverse(x, y, guidance=guidance, callback=callback), N - 1
+        else:
+            out, stats = gs_jacobi_block(block, x, y, cand, guidance=guidance,
+                                         callback=callback, net=net)
+            iters = stats.total_iters
+    except OverBudget:
+        seconds = time.perf_counter() - t0
+        if cand.is_sequential(N):
+            seconds *= (N - 1) / max(steps[0], 1)
+        return seconds, None, 0
+    _sync(x.device)
+    return time.perf_counter() - t0, out, iters
+
+
+def pass_seconds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, y,
+                  guidance: Guidance) -> dict[tuple[str | None, str], float]:
+    """Seconds of one network pass of the first sampled block at the sampling batch, per
+    network dtype (None: full precision) and feed: "long" (N - 1 tokens: Jacobi), "short"
+    (N / 8 tokens: GS) and "one" (a sequential step). Also warms up the kernels the candidates
+    use, so that no candidate pays a first call."""
+    block = model.blocks[-1]
+    B, N = noise.shape[:2]
+    feeds = {"long": (0, N - 1), "short": (N - 1 - max(1, N // 8), N - 1),
+             "one": (N - 2, N - 1)}
+    rows = B * (2 if guidance.active else 1)
+    times: dict[tuple[str | None, str], float] = {}
+    for d, net in [(None, model), *nets.items()]:
+        nb = net.blocks[block.index]
+        ndtype = next(nb.parameters()).dtype
+        cache = nb.new_cache(rows, dtype=ndtype, device=noise.device)
+        cond = nb.class_bias(guidance.labels(y, B, noise.device))
+        q_scale = guidance.q_scale(B, noise.device, ndtype)
+        for length, (s, e) in feeds.items():
+            fed = guidance.expand(noise[:, s:e]).to(ndtype)
+            samples = []
+            for rep in range(3):  # the first call warms up
+                _sync(noise.device)
+                t0 = time.perf_counter()
+                nb.predict(fed, cond=cond, start=s, cache=cache, q_scale=q_scale)
+                _sync(noise.device)
+                if rep:
+                    samples.append(time.perf_counter() - t0)
+            times[(d, length)] = min(samples)
+    return times
+
+
+def test_seconds(segment: torch.Tensor, tol: float) -> float:
+    """Median wall time of one convergence test on a segment of this shape."""
+    delta = segment * 1e-3
+    samples = []
+    for _ in range(5):
+        _sync(segment.device)
+        t0 = time.perf_counter()
+        convergence_test(delta, segment, tol, True)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
