@@ -207,7 +207,9 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], *, repeats: int,
 
     Round-robin rather than all repeats of one method then the next, so that a slow phase of
     the machine (other tenants of a VM, frequency changes) hits every method alike; between
-    processes and phases the same call varied by up to 30% on the 2-core VM.
+    processes and phases the same call varied by up to 30% on the 2-core VM. The order rotates
+    by one each round: the call right after the sequential loop ran ~2% slower at batch 1 on
+    the 2-core CPU (caches), which a fixed order charged to one method only.
 
     Returns:
         ({name: median seconds}, {name: last result}).
@@ -221,8 +223,10 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], *, repeats: int,
     was_enabled = gc.isenabled()
     gc.disable()  # back-to-back calls, as in median_time
     try:
-        for _ in range(repeats):
-            for name, fn in calls.items():
+        names = list(calls)
+        for r in range(repeats):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                fn = calls[name]
                 _sync(device)
                 t0 = time.perf_counter()
                 last[name] = fn()

@@ -1,5 +1,9 @@
 """Device-aware choice of the tough blocks' segment count, by timing on the actual device and batch.
 
+Superseded by the planner (``tarflow.sampling.planner``, ``schedule: auto``), which decides every
+block, the sequential loop included; kept as the ``auto:tuned`` comparison row of
+``tarflow-bench``.
+
 The CRM/IGM ranking says *which* blocks are tough and which initial guess suits them; it cannot say
 how many GS segments pay, because that is a property of the hardware and batch size, not of the
 weights. A segment of L tokens costs one network pass over L tokens per iteration: where passes
