@@ -2,9 +2,10 @@
 
 A :class:`Plan` holds the :class:`SamplingSchedule` the planner returns plus the evidence behind
 it: for every block each candidate's measured seconds (a lower bound when the candidate was
-abandoned for running over budget), the predicted total, the sequential total and the planning
-cost. It round-trips through JSON, and :class:`PlanCache` keeps plans in one small JSON file keyed
-by what decides a plan (:func:`plan_key`), so a validation callback, ``tarflow-sample``,
+abandoned for running over budget; the sequential loop's is then extrapolated from its steps),
+the predicted total, the sequential total and the planning cost. It round-trips through JSON,
+and :class:`PlanCache` keeps plans in one small JSON file keyed by what decides a plan
+(:func:`plan_key`), so a validation callback, ``tarflow-sample``,
 ``tarflow-eval`` and ``tarflow-bench`` reuse one measurement.
 
 Two kinds of key. With fixed weights (the CLIs) the key holds a fingerprint of the weights, so a
@@ -77,7 +78,7 @@ class BlockPlan:
     choice: str
     candidates: list[Candidate] = field(default_factory=list)
 
-    def cost(self, label: str) -> Candidate | None:
+    def candidate(self, label: str) -> Candidate | None:
         return next((c for c in self.candidates if c.label == label), None)
 
 

@@ -12,6 +12,8 @@ and keeps the fastest:
   8 ... segments, tried upwards from Jacobi while more segments keep getting faster (cost is
   close to unimodal in S: few segments waste passes on unconverged tails, many pay a pass per
   segment even where one would do);
+- Jacobi also without freezing (whole causal passes and no K/V cache instead of the frontier;
+  tried on the first block sampled, the faster variant kept for the rest);
 - each Jacobi structure also with a low-precision network where the caller allows one and a
   short probe of single network passes shows it is faster at that segment length.
 
@@ -136,7 +138,7 @@ class _Planner:
         self.nets = {d: network_copy(model, getattr(torch, d)) for d in self.low}
         self.table: dict[int, dict[str, Candidate]] = {b: {} for b in range(self.T)}
         self.settings: dict[int, dict[str, BlockSchedule]] = {b: {} for b in range(self.T)}
-        self.pass_seconds: dict[tuple[str | None, str], float] = {}
+        self.pass_cost: dict[tuple[str | None, str], float] = {}
         self.freeze_pref: bool | None = None  # Jacobi with freezing beat without, on block T-1
 
     # ------------------------------------------------------------------------- the search
@@ -154,7 +156,7 @@ class _Planner:
 
     def search(self) -> Plan:
         noise, y = self.inputs(0)
-        self.pass_seconds = pass_seconds(self.model, self.nets, noise, y, self.guidance)
+        self.pass_cost = pass_seconds(self.model, self.nets, noise, y, self.guidance)
         ranks = {r.block: r for r in self.ranking or []}
         alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
         winner: BlockSchedule | None = None
@@ -240,8 +242,8 @@ class _Planner:
             guess = seq if winner.segments == SEQUENTIAL else replace(
                 base, net_dtype=winner.net_dtype, freeze=freezes[0])
         else:
-            steps = (self.N - 1) * self.pass_seconds[(None, "one")]
-            passes = (8 if tough else 4) * self.pass_seconds[(None, "long")]
+            steps = (self.N - 1) * self.pass_cost[(None, "one")]
+            passes = (8 if tough else 4) * self.pass_cost[(None, "long")]
             guess = seq if steps < passes else order[0]
         if guess in order:
             order.remove(guess)
@@ -280,8 +282,8 @@ class _Planner:
         pass there is faster by ``dtype_gain``, and full precision unless one is faster by 25%
         or more (then full precision cannot win: the iterations are the same)."""
         length = "long" if S <= 2 else "short"
-        ref = self.pass_seconds[(None, length)]
-        ratio = {d: self.pass_seconds[(d, length)] / ref for d in self.low}
+        ref = self.pass_cost[(None, length)]
+        ratio = {d: self.pass_cost[(d, length)] / ref for d in self.low}
         faster = [d for d in self.low if ratio[d] <= self.opt.dtype_gain]
         clearly = any(ratio[d] <= 0.75 for d in faster)
         return ([] if clearly else [None]) + faster

@@ -115,7 +115,7 @@ def test_a_one_off_stall_is_outvoted_by_a_third_round():
     plan, _ = _plan({SEQUENTIAL: [1.6, 1.0, 1.0], 1: [1.2, 1.2, 1.2], 2: 9.0, 4: 9.0, 8: 9.0,
                      16: 9.0})
     for bp in plan.blocks:
-        assert bp.choice == "seq" and len(bp.cost("seq").seconds) == 3
+        assert bp.choice == "seq" and len(bp.candidate("seq").seconds) == 3
 
 
 def test_test_interval_follows_the_cost_of_a_pass():
@@ -165,6 +165,9 @@ def test_cache_hit_miss_and_ranking_drift(tmp_path):
     # Another batch size is another key; so are other weights with a weights key.
     assert cache.get(settings.plan_key(model, 3, weights=False)) is None
     assert cache.get(settings.plan_key(model, 2)) is None
+    other = parse_sampler({"schedule": "auto", "tol": 1e-4, "guidance": 1.0,
+                           "planner": {"margin": 1.5}})  # other knobs may choose otherwise
+    assert cache.get(other.plan_key(model, 2, weights=False)) is None
     # Shares that moved by > 10 points re-plan, and the new plan replaces the old one.
     moved = [BlockRank(r.block, r.crm, s, r.igm)
              for r, s in zip(RANKING, [30, 50, 10, 10], strict=True)]

@@ -141,14 +141,13 @@ class SamplerSettings:
         return plan.schedule, plan
 
     def plan_key(self, net: TarFlow, batch_size: int, *, weights: bool = True) -> dict[str, Any]:
-        """The cache key of this sampler's plans for ``net`` at ``batch_size``."""
-        return plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
-                        net_dtypes=(self.net_dtype,) if self.net_dtype else (), weights=weights)
-
-    def sequential_twin(self) -> SamplerSettings:
-        """The same knobs with the exact sequential schedule (the reference for speed-ups)."""
-        return SamplerSettings(f"{self.name}-sequential", SamplingSchedule.sequential(),
-                               dict(self.knobs), self.tol, self.init, dict(self.auto))
+        """The cache key of this sampler's plans for ``net`` at ``batch_size`` (the planner's
+        own knobs included: other knobs may choose otherwise)."""
+        key = plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
+                       net_dtypes=(self.net_dtype,) if self.net_dtype else (), weights=weights)
+        tough = {"tough_factor": float(self.auto.get("tough_factor", 1.5))}
+        return {**key, "planner": {**tough, **{k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in sorted(self.planner.items())}}}
 
 
 def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
