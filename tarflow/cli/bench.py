@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true")
+    p.add_argument("--guidance-rule", default="linear", choices=["linear", "starflow"],
+                   help="linear (TarFlow) or starflow (STARFlow's Gaussian rule)")
     p.add_argument("--plan-cache", default="data/sampling_plans.json", help="JSON file of the "
                    "planner's plans, shared with tarflow-sample/-eval ('' = plan afresh)")
     p.add_argument("--concat-baseline", action="store_true", help="also time the sequential loop "
@@ -164,7 +166,8 @@ def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
             y = None if labels is None else labels[s:s + args.fid_batch]
             images, _ = method.run(model, noise[s:s + args.fid_batch], y,
                                    guidance=args.guidance, attn_temp=args.attn_temp,
-                                   annealed=args.annealed, denoise=args.denoise)
+                                   annealed=args.annealed, guidance_rule=args.guidance_rule,
+                                   denoise=args.denoise)
             stats.update(extractor(images.float().clamp(-1, 1)))
         mu, sigma = stats.mean_cov()
         out[name] = frechet_distance(mu, sigma, mu_r, sigma_r)
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         noise = model.sample_noise(B, generator=g, dtype=getattr(torch, args.dtype))
         y = (torch.randint(0, cfg.num_classes, (B,), generator=g, device=args.device)
              if cfg.conditional else None)
-        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed)
+        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
+                     guidance_rule=args.guidance_rule)
         decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)
         methods_b = {**methods, **decided}
         if B == args.batch[0]:

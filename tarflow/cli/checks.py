@@ -22,7 +22,6 @@ from tarflow.lit.callbacks.sampling import SamplingCallback
 from tarflow.lit.wandb_utils import checkpoint_run_dir
 from tarflow.model import (
     CheckpointSummary,
-    Guidance,
     TarFlowConfig,
     describe_checkpoint,
     weights_mismatch,
@@ -136,10 +135,8 @@ def check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_w
         settings = parse_sampler(sampler)
         if not settings.is_auto:
             settings.schedule.validate(model.num_blocks, model.num_patches)
-        knobs = settings.knobs
-        guidance = Guidance(knobs["guidance"], knobs["attn_temp"], knobs["annealed"])
         if guidance_must_work:
-            guidance.check(model.conditional)
+            settings.guidance.check(model.conditional)
     except ValueError as err:
         raise ValueError(
             f"sampler: {err} (model {model.tag}, N={model.num_patches} tokens, "

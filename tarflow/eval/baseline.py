@@ -16,7 +16,6 @@ import torch
 
 from tarflow.model import TarFlow
 from tarflow.model.attention import KVCache
-from tarflow.model.flow import exp32
 from tarflow.model.guidance import Guidance
 from tarflow.model.permutation import permute
 from tarflow.sampling.ranking import initial_guess
@@ -45,33 +44,39 @@ class ConcatKVCache(KVCache):
 @torch.no_grad()
 def sample_sequential_concat(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
                              *, guidance: float = 0.0, attn_temp: float = 1.0,
-                             annealed: bool = False) -> torch.Tensor:
+                             annealed: bool = False, guidance_rule: str = "linear"
+                             ) -> torch.Tensor:
     """The sequential loop with a ``torch.cat``-grown cache; same images as sample_sequential."""
-    g = Guidance(guidance, attn_temp, annealed)
+    g = Guidance(guidance, attn_temp, annealed, guidance_rule)
     x = noise
     for block in reversed(model.blocks):
-        x = block.reverse(x, y, guidance=g, cache=ConcatKVCache(len(block.attn_blocks)))
+        if not block.is_identity:
+            x = block.reverse(x, y, guidance=g, cache=ConcatKVCache(len(block.attn_blocks)))
     return model.unpatchify(x)
 
 
 @torch.no_grad()
 def sample_jacobi_plain(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None, *,
                         iters: int, init: str = "z", guidance: float = 0.0,
-                        attn_temp: float = 1.0, annealed: bool = False) -> torch.Tensor:
+                        attn_temp: float = 1.0, annealed: bool = False,
+                        guidance_rule: str = "linear") -> torch.Tensor:
     """``iters`` plain Jacobi iterations in every block: each one full causal pass over the
-    whole (permuted) sequence, then x = z * exp(a) + b everywhere."""
-    g = Guidance(guidance, attn_temp, annealed)
+    whole (permuted) sequence, then x = z * sigma(a) + b everywhere."""
+    g = Guidance(guidance, attn_temp, annealed, guidance_rule)
     B, N, _ = noise.shape
     positions = torch.arange(N, device=noise.device)
     x = noise
     for block in reversed(model.blocks):
+        if block.is_identity:
+            continue
+        gb = block.guided(g)
         zp = permute(x, block.flipped)
         xp = initial_guess(zp, init)
-        cond = block.class_bias(g.labels(y, B, noise.device))
-        q_scale = g.q_scale(B, noise.device, noise.dtype)
+        cond = block.class_bias(gb.labels(y, B, noise.device))
+        q_scale = gb.q_scale(B, noise.device, noise.dtype)
         for _ in range(iters):
-            a, b = block.affine(g.expand(xp), cond=cond, q_scale=q_scale)  # (B', N, D) each
-            a, b = g.combine(torch.cat([a, b], -1), positions, N).chunk(2, -1)
-            xp = zp * exp32(a) + b
+            a, b = block.affine(gb.expand(xp), cond=cond, q_scale=q_scale)  # (B', N, D) each
+            sigma, mu = gb.scale_shift(torch.cat([a, b], -1), positions, N, block.sigma)
+            xp = zp * sigma + mu
         x = permute(xp, block.flipped)
     return model.unpatchify(x)

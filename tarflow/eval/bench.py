@@ -43,7 +43,8 @@ class Method:
         if self.plain_iters is not None:
             from tarflow.eval.baseline import sample_jacobi_plain
 
-            g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed") if k in knobs}
+            g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed", "guidance_rule")
+                 if k in knobs}
             init = self.schedule.default.init
             return sample_jacobi_plain(model, noise, y, iters=self.plain_iters, init=init,
                                        **g), None
@@ -173,7 +174,8 @@ def benchmark(
     if concat_baseline:
         from tarflow.eval.baseline import sample_sequential_concat
 
-        g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed") if k in knobs}
+        g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed", "guidance_rule")
+             if k in knobs}
         calls["sequential_cat"] = lambda: sample_sequential_concat(model, noise, y, **g)
     if progress:
         progress(f"batch {B}: timing {', '.join(calls)} in {repeats} interleaved rounds")

@@ -101,22 +101,38 @@ def infer_config(sd: dict[str, torch.Tensor], *, name: str | None = None,
                  **overrides) -> TarFlowConfig:
     """Recover the architecture from tensor shapes (and an official file name, if given).
 
-    Shapes fix T, K, Ch, D, N, the class count and the MLP expansion. D = C * P^2 leaves C and P
-    ambiguous: an official file name gives P; otherwise RGB (C = 3) is tried first, then 1 and 4.
-    ``head_dim`` cannot be seen in any shape and defaults to the paper's 64.
+    Shapes fix T, K (per block for a deep-shallow stack), Ch (and a wider deep block), D, N, the
+    class count (and whether only the deep block is conditional) and the MLP expansion.
+    D = C * P^2 leaves C and P ambiguous: an official file name gives P; otherwise RGB (C = 3) is
+    tried first, then 1 and 4. ``head_dim`` and ``scale`` cannot be seen in any shape: they
+    default to the paper's 64 and exp.
     """
-    if "blocks.0.proj_in.weight" not in sd or "blocks.0.pos_embed" not in sd:
+    present = sorted({int(k.split(".")[1]) for k in sd
+                      if k.startswith("blocks.") and k.endswith(".proj_in.weight")})
+    if not present or f"blocks.{present[0]}.pos_embed" not in sd:
         some = ", ".join(sorted(sd)[:5]) or "(no tensors)"
-        raise CheckpointError(f"not a TarFlow state dict: no 'blocks.0.proj_in.weight' or "
-                              f"'blocks.0.pos_embed' key (first keys: {some})")
-    T = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    K = 1 + max((int(k.split(".")[3]) for k in sd if k.startswith("blocks.0.attn_blocks.")),
-                default=-1)
-    Ch, D = sd["blocks.0.proj_in.weight"].shape
-    N = sd["blocks.0.pos_embed"].shape[0]
-    classes = sd["blocks.0.class_embed"].shape[0] if "blocks.0.class_embed" in sd else 0
-    hidden = sd.get("blocks.0.attn_blocks.0.mlp.main.0.weight")
-    found = dict(channels=Ch, num_blocks=T, layers_per_block=K, num_classes=classes)
+        raise CheckpointError(f"not a TarFlow state dict: no 'blocks.<b>.proj_in.weight' and "
+                              f"'pos_embed' keys (first keys: {some})")
+    # A deep-shallow stack shows per block: its depth (0 = an identity block, no keys at all),
+    # the deep (last) block's width, and which blocks carry a class embedding.
+    T = 1 + present[-1]
+    depths = [1 + max((int(k.split(".")[3]) for k in sd
+                       if k.startswith(f"blocks.{b}.attn_blocks.")), default=-1)
+              for b in range(T)]
+    first = present[0]
+    Ch, D = sd[f"blocks.{first}.proj_in.weight"].shape
+    deep = sd[f"blocks.{T - 1}.proj_in.weight"].shape[0]
+    N = sd[f"blocks.{first}.pos_embed"].shape[0]
+    embeds = {b: sd[f"blocks.{b}.class_embed"] for b in present
+              if f"blocks.{b}.class_embed" in sd}
+    classes = next(iter(embeds.values())).shape[0] if embeds else 0
+    hidden = sd.get(f"blocks.{first}.attn_blocks.0.mlp.main.0.weight")
+    found = dict(channels=Ch, num_blocks=T, num_classes=classes,
+                 layers_per_block=depths[0] if len(set(depths)) == 1 else depths)
+    if deep != Ch:
+        found["deep_channels"] = deep
+    if embeds and set(embeds) == {T - 1} and len(present) > 1:
+        found["cond_deep_only"] = True
     if hidden is not None:
         found["expansion"] = hidden.shape[0] // Ch
     match = _OFFICIAL_NAME.search(name or "")

@@ -1,18 +1,22 @@
 """One TarFlow block: a causal transformer that parameterises an affine autoregressive flow.
 
 Forward (data -> noise), in the block's own token order ("permuted frame"):
-    z_i = (x_i - b_i(x_<i)) * exp(-a_i(x_<i)),    logdet = -mean(a)
+    z_i = (x_i - b_i(x_<i)) / sigma(a_i(x_<i)),    logdet = -mean(log sigma)
 where (a_i, b_i) is the transformer output at position i - 1 (the output is shifted right by one, so
-token 0 passes through unchanged). Sampling inverts this position by position; the samplers in
-``tarflow.sampling`` drive :meth:`FlowBlock.predict` directly; this module keeps the exact
-sequential inverse as the reference.
+token 0 passes through unchanged) and sigma = exp (TarFlow; logdet = -mean(a)) or STARFlow's
+softplus(a + log(e - 1)), which is 1 at a = 0 as exp is. A block of 0 layers is the identity
+(:class:`IdentityBlock`; STARFlow's shallow blocks may be). Sampling inverts this position by
+position; the samplers in ``tarflow.sampling`` drive :meth:`FlowBlock.predict` directly; this
+module keeps the exact sequential inverse as the reference.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tarflow.model.attention import KVCache
@@ -29,28 +33,69 @@ def exp32(a: torch.Tensor) -> torch.Tensor:
     return a.exp()
 
 
+# softplus(a + SOFTPLUS_SHIFT) = 1 at a = 0, so a zero-initialised proj_out is still the identity.
+SOFTPLUS_SHIFT = math.log(math.e - 1.0)
+
+
+def softplus32(a: torch.Tensor) -> torch.Tensor:
+    """STARFlow's scale softplus(a + log(e - 1)), in at least float32 like :func:`exp32`."""
+    low = a.dtype in (torch.float16, torch.bfloat16)
+    sigma = F.softplus((a.float() if low else a) + SOFTPLUS_SHIFT)
+    return sigma.to(a.dtype) if low else sigma
+
+
+class IdentityBlock(nn.Module):
+    """A flow block of 0 layers: z = x, logdet 0, no parameters (STARFLOW.md §2)."""
+
+    is_identity = True
+
+    def __init__(self, config: TarFlowConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.flipped = is_flipped(index)
+        self.num_patches = config.num_patches
+        self.token_dim = config.token_dim
+        self.class_embed = None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x.new_zeros(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32))
+
+    def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, **_) -> torch.Tensor:
+        return z
+
+
+def make_block(config: TarFlowConfig, index: int) -> FlowBlock | IdentityBlock:
+    """Block ``index`` as the config describes it (an identity when it has no layers)."""
+    if config.block(index).layers == 0:
+        return IdentityBlock(config, index)
+    return FlowBlock(config, index)
+
+
 class FlowBlock(nn.Module):
     """State-dict keys: pos_embed, class_embed (conditional), attn_mask, proj_in, attn_blocks,
     proj_out (ALGORITHMS.md §1)."""
 
     attn_mask: torch.Tensor
+    is_identity = False
 
     def __init__(self, config: TarFlowConfig, index: int) -> None:
         super().__init__()
-        N, D, Ch = config.num_patches, config.token_dim, config.channels
+        spec = config.block(index)  # depth, width and conditioning of this block
+        N, D, Ch = config.num_patches, config.token_dim, spec.channels
         self.index = index
         self.flipped = is_flipped(index)
         self.num_patches = N
         self.token_dim = D
+        self.sigma = softplus32 if config.scale == "softplus" else exp32  # a -> scale
         self.proj_in = nn.Linear(D, Ch)
         self.pos_embed = nn.Parameter(torch.randn(N, Ch) * 0.01)
-        if config.conditional:
+        if spec.conditional:
             self.class_embed = nn.Parameter(torch.randn(config.num_classes, 1, Ch) * 0.01)
         else:
             self.class_embed = None
         self.attn_blocks = nn.ModuleList(
-            TransformerLayer(Ch, config.head_dim, config.expansion)
-            for _ in range(config.layers_per_block)
+            TransformerLayer(Ch, config.head_dim, config.expansion) for _ in range(spec.layers)
         )
         self.proj_out = nn.Linear(Ch, 2 * D)
         # Zero output layer: a = b = 0, so a fresh block (and model) is exactly the identity.
@@ -64,6 +109,11 @@ class FlowBlock(nn.Module):
         self._causal = torch.ones(N, N, dtype=torch.bool).tril()
 
     # ----------------------------------------------------------------------------- helpers
+    def guided(self, guidance: Guidance) -> Guidance:
+        """The guidance this block runs with: none where it has no class embedding and the
+        temperature is 1 (both branches would be one computation, run twice)."""
+        return guidance.for_block(self.class_embed is not None)
+
     def class_bias(self, y: torch.Tensor | None) -> torch.Tensor | float:
         """Class embedding per row, (B, 1, Ch); y == -1 (or None) is the mean embedding."""
         if self.class_embed is None:
@@ -133,14 +183,18 @@ class FlowBlock(nn.Module):
             y: (B,) labels, -1 for the null class; None = null for every row.
 
         Returns:
-            z (B, N, D) in raster order and logdet (B,) = -mean over (N, D) of a.
+            z (B, N, D) in raster order and logdet (B,) = -mean over (N, D) of log sigma.
         """
         xp = permute(x, self.flipped)
         a, b = self.affine(xp, cond=self.class_bias(y))
-        zp = (xp - b) * exp32(-a)
         # Reduce in >= float32: a bf16 mean over N*D terms is too coarse for a likelihood.
         a32 = a.to(torch.promote_types(a.dtype, torch.float32))
-        return permute(zp, self.flipped), -a32.mean(dim=(1, 2))
+        if self.sigma is exp32:
+            zp, log_sigma = (xp - b) * exp32(-a), a32
+        else:
+            sigma = self.sigma(a)
+            zp, log_sigma = (xp - b) / sigma, softplus32(a32).log()
+        return permute(zp, self.flipped), -log_sigma.mean(dim=(1, 2))
 
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, *,
@@ -160,6 +214,7 @@ class FlowBlock(nn.Module):
             x: (B, N, D) with ``forward(x, y)[0] == z`` up to rounding.
         """
         B, N, D = z.shape
+        guidance = self.guided(guidance)
         zp = permute(z, self.flipped)
         xp = zp.clone()  # position 0 is the identity: x_0 = z_0
         cond = self.class_bias(guidance.labels(y, B, z.device))
@@ -171,8 +226,8 @@ class FlowBlock(nn.Module):
         for i in range(N - 1):
             token = guidance.expand(xp[:, i:i + 1])  # (B', 1, D)
             out = self.predict(token, cond=cond, start=i, cache=cache, q_scale=q_scale)
-            out = guidance.combine(out, positions[i:i + 1], N)[:, 0]  # (B, 2D)
-            xp[:, i + 1] = torch.addcmul(out[:, D:], zp[:, i + 1], exp32(out[:, :D]))
+            sigma, mu = guidance.scale_shift(out, positions[i:i + 1], N, self.sigma)  # (B, 1, D)
+            xp[:, i + 1] = torch.addcmul(mu[:, 0], zp[:, i + 1], sigma[:, 0])
             if callback is not None:
                 callback(i)
         return permute(xp, self.flipped)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tarflow.model.config import TarFlowConfig
-from tarflow.model.flow import FlowBlock
+from tarflow.model.flow import make_block
 from tarflow.model.guidance import Guidance
 
 # -log of the dequantisation bin width: 8-bit pixels mapped to [-1, 1] have bins of 2/256 = 1/128.
@@ -53,7 +53,7 @@ class TarFlow(nn.Module):
     def __init__(self, config: TarFlowConfig) -> None:
         super().__init__()
         self.config = config
-        self.blocks = nn.ModuleList(FlowBlock(config, b) for b in range(config.num_blocks))
+        self.blocks = nn.ModuleList(make_block(config, b) for b in range(config.num_blocks))
         # Prior variance per dimension; ones in every published model (N(0, I)).
         self.register_buffer("var", torch.ones(config.num_patches, config.token_dim))
 
@@ -121,7 +121,8 @@ class TarFlow(nn.Module):
 
     @torch.no_grad()
     def reverse(self, z: torch.Tensor, y: torch.Tensor | None = None, *, guidance: float = 0.0,
-                attn_temp: float = 1.0, annealed: bool = False) -> torch.Tensor:
+                attn_temp: float = 1.0, annealed: bool = False,
+                guidance_rule: str = "linear") -> torch.Tensor:
         """Noise -> images with the exact sequential inverse (blocks T-1 ... 0).
 
         Args:
@@ -130,12 +131,13 @@ class TarFlow(nn.Module):
             guidance: w of classifier-free guidance (0 = off), applied to both a and b.
             attn_temp: attention temperature of the uncond branch.
             annealed: ramp the guidance linearly along the sequence in every block.
+            guidance_rule: "linear" (TarFlow) or "starflow" (``tarflow.model.guidance``).
 
         Returns:
             (B, C, H, W) images.
         """
         self._check_labels(y)
-        g = Guidance(guidance, attn_temp, annealed)
+        g = Guidance(guidance, attn_temp, annealed, guidance_rule)
         g.check(self.config.conditional)
         x = z
         for block in reversed(self.blocks):

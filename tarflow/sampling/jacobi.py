@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tarflow.model.attention import KVCache
-from tarflow.model.flow import FlowBlock, exp32
+from tarflow.model.flow import FlowBlock
 from tarflow.model.guidance import Guidance
 from tarflow.model.permutation import permute
 from tarflow.sampling.schedule import BlockSchedule
@@ -143,6 +143,7 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
         x (B, N, D) raster order, and the block's stats.
     """
     B, N, D = z.shape
+    guidance = block.guided(guidance)
     guided = guidance.active
     zp = permute(z, block.flipped)
     if schedule.init == "z":
@@ -218,8 +219,9 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             out = net.predict(fed.to(net_dtype) if cast else fed, cond=cond, start=p - 1 + j0,
                               cache=work, q_scale=qs)  # (Ba', j1 - j0, 2D)
             out = out[:, front - j0:L - j0]  # (Ba', L - front, 2D): the unfrozen positions
-            out = guidance.combine(out.to(z.dtype) if cast else out, pos, N)  # (Ba, ., 2D)
-            new = torch.addcmul(out[..., D:], zs, exp32(out[..., :D]))
+            sigma, mu = guidance.scale_shift(out.to(z.dtype) if cast else out, pos, N,
+                                             block.sigma)  # (Ba, L - front, D) each
+            new = torch.addcmul(mu, zs, sigma)
             ran = k + 1
             # After k + 1 iterations the first k + 1 positions are final (the system is
             # triangular), so the frontier advances by one without any test.

@@ -175,6 +175,11 @@ class _Planner:
                 b = block.index
                 rank = ranks.get(b)
                 base = BlockSchedule(1, None, rank.best_init if rank else "z", self.tol)
+                if block.is_identity:  # 0 layers: nothing to solve, sampling skips it
+                    self.settings[b]["identity"] = base
+                    self.table[b].setdefault("identity", Candidate("identity")).seconds.append(0)
+                    firsts[b].append("identity")
+                    continue
                 self.best, self.best_out, self.best_cand = math.inf, None, None
                 if alive is not None:  # later rounds: the close calls only, best first
                     for label in alive[b]:
@@ -317,9 +322,9 @@ class _Planner:
         predicted = sum(self.table[b][label].cost for b, label in choice.items())
         chosen = _with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
                                      noise, self.tol, self.opt.max_check_every)
-        blocks = [BlockPlan(b, self.label(chosen[b]), list(self.table[b].values()))
-                  for b in range(self.T)]
-        seq = [self.table[b].get("seq") for b in range(self.T)]
+        blocks = [BlockPlan(b, "identity" if choice[b] == "identity" else self.label(chosen[b]),
+                            list(self.table[b].values())) for b in range(self.T)]
+        seq = [self.table[b].get("seq") for b in range(self.T) if "identity" not in self.table[b]]
         return Plan(_as_schedule(chosen), blocks, predicted,
                     sum(c.cost for c in seq if c is not None),
                     all(c is not None and c.complete for c in seq),

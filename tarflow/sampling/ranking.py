@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from tarflow.model import TarFlow
-from tarflow.model.flow import FlowBlock, exp32
+from tarflow.model.flow import FlowBlock
 from tarflow.model.permutation import permute
 from tarflow.sampling.schedule import INITS, SEQUENTIAL, BlockSchedule, SamplingSchedule
 
@@ -61,16 +61,18 @@ def block_metrics(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, *,
                   norm: str = "spectral") -> BlockRank:
     """CRM and IGM of one block from its forward input x and output z, both (M, N, D) raster."""
     D = x.shape[-1]
+    if block.is_identity:  # nothing to solve: no cost, nothing to guess
+        return BlockRank(block.index, 0.0, 0.0, dict.fromkeys(INITS, 0.0))
     xp, zp = permute(x, block.flipped), permute(z, block.flipped)
     cond = block.class_bias(None)  # unconditional embedding, as in the paper
     a, _ = block.affine(xp, cond=cond)
-    mean_ax = (exp32(-a) * xp).mean(0)  # (N, D) = E_m[alpha * x]
+    mean_ax = (xp / block.sigma(a)).mean(0)  # (N, D) = E_m[alpha * x], alpha = 1 / sigma
     w = block.proj_out.weight
     crm = matrix_norm(mean_ax, norm) * matrix_norm(w[:D], norm) + matrix_norm(w[D:], norm)
     igm = {}
     for init in INITS:
         a0, b0 = block.affine(initial_guess(zp, init), cond=cond)
-        x1 = zp * exp32(a0) + b0  # one Jacobi update (position 0 stays z_0)
+        x1 = zp * block.sigma(a0) + b0  # one Jacobi update (position 0 stays z_0)
         igm[init] = matrix_norm((x1 - xp).mean(0), norm)
     return BlockRank(block.index, crm, 0.0, igm)
 

@@ -48,9 +48,9 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
            schedule: SamplingSchedule | None = None, *, guidance: float = 0.0,
-           attn_temp: float = 1.0, annealed: bool = False, denoise: float = 0.0,
-           noise_std: float | None = None, check_every: int | None = None,
-           callback: TraceFn | None = None,
+           attn_temp: float = 1.0, annealed: bool = False, guidance_rule: str = "linear",
+           denoise: float = 0.0, noise_std: float | None = None,
+           check_every: int | None = None, callback: TraceFn | None = None,
            net_dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, SampleStats]:
     """Noise -> images.
 
@@ -59,9 +59,11 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
         noise: (B, N, D) prior noise (``model.sample_noise``).
         y: (B,) labels of a conditional model, or None (null class).
         schedule: per-block settings; None = the exact sequential loop.
-        guidance: CFG weight w on a and b (0 = off).
+        guidance: CFG weight w (0 = off).
         attn_temp: attention temperature of the uncond branch.
         annealed: ramp w linearly along each block's sequence.
+        guidance_rule: "linear" (TarFlow: on a and b) or "starflow" (the Gaussian proportional
+            to p_c^(1+w) p_u^(-w)); see ``tarflow.model.guidance``.
         denoise: self-denoising multiplier (0 = off); needs ``noise_std`` or the config's.
         check_every: shorthand that sets every block's ``check_every`` (convergence test every
             k Jacobi iterations); None keeps the schedule's.
@@ -84,7 +86,7 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
                                           else name)
     schedule.validate(cfg.num_blocks, cfg.num_patches)
     model._check_labels(y)
-    g = Guidance(guidance, attn_temp, annealed)
+    g = Guidance(guidance, attn_temp, annealed, guidance_rule)
     g.check(cfg.conditional)
     if noise.shape[1:] != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must be (B, {cfg.num_patches}, {cfg.token_dim}) for "
@@ -97,7 +99,12 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     for block in reversed(model.blocks):
         t0 = time.perf_counter()
         settings = schedule.for_block(block.index)
-        if settings.is_sequential(cfg.num_patches):
+        if block.is_identity:  # a block of 0 layers: nothing to solve
+            st = BlockStats(block.index, 0, iters=[0],
+                            sample_iters=torch.zeros(x.shape[0], dtype=torch.long,
+                                                     device=x.device),
+                            residual=torch.zeros(x.shape[0], device=x.device))
+        elif settings.is_sequential(cfg.num_patches):
             x = block.reverse(x, y, guidance=g)
             n = cfg.num_patches - 1
             st = BlockStats(block.index, cfg.num_patches, iters=[n],

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 
 REPO = Path(__file__).resolve().parents[2]
 CONF_DIR = REPO / "conf"
-EXPERIMENTS = ("demo", "img64_uncond", "img64_cond", "img128_cond", "afhq256_cond")
+EXPERIMENTS = ("demo", "img64_uncond", "img64_cond", "img128_cond", "afhq256_cond",
+               "demo_deep_shallow", "img64_deep_shallow")
 
 # A tiny unconditional model on 8x8x1 fake images: 4 training steps per epoch, no progress bar.
 TINY = [

@@ -4,11 +4,12 @@ The same sampler files drive validation sampling, ``tarflow-sample``, ``tarflow-
 benchmarks, so the translation into ring-1 objects lives in one place. This module imports neither
 Hydra nor OmegaConf: callers convert their config to plain containers first.
 
-A sampler dict has the keys ``name, schedule, tol, init, guidance, attn_temp, annealed, denoise,
-check_every, net_dtype, auto, planner``; ``schedule`` is "sequential", "jacobi[:J]", the paper's
-"[Stack-GS-J-Else]" notation, the explicit ``{block:setting, ...}`` form, an explicit per-block
-dict, "auto" (the planner: measured on the device and batch at run time, with a CRM/IGM ranking
-as its prior) or "auto:paper" (the paper's fixed rule applied to the ranking).
+A sampler dict has the keys ``name, schedule, tol, init, guidance, attn_temp, annealed,
+guidance_rule, denoise, check_every, net_dtype, auto, planner``; ``schedule`` is "sequential",
+"jacobi[:J]", the paper's "[Stack-GS-J-Else]" notation, the explicit ``{block:setting, ...}``
+form, an explicit per-block dict, "auto" (the planner: measured on the device and batch at run
+time, with a CRM/IGM ranking as its prior) or "auto:paper" (the paper's fixed rule applied to
+the ranking).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PAPER = "auto:paper"  # the paper's fixed CRM/IGM rule
 # Keys of the `auto` sub-dict, i.e. keyword arguments of schedule_from_ranking besides tol.
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
 PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
-KNOB_KEYS = ("guidance", "attn_temp", "annealed", "denoise")
+KNOB_KEYS = ("guidance", "attn_temp", "annealed", "guidance_rule", "denoise")
 KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "planner", "check_every",
                         "net_dtype", *KNOB_KEYS))
 # Keys that existed once, with what replaced them (a clear error instead of "unknown key").
@@ -55,7 +56,7 @@ class SamplerSettings:
             applied to its blocks), or ``"auto"`` / ``"auto:paper"`` when it must come from the
             planner / the paper's rule at run time (see :meth:`schedule_for`).
         knobs: keyword arguments for :func:`tarflow.sampling.sample` (guidance, attn_temp,
-            annealed, denoise).
+            annealed, guidance_rule, denoise).
         tol: Jacobi stopping tolerance (also the planner's and the paper rule's).
         init: default initial guess.
         auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``), used by
@@ -89,7 +90,8 @@ class SamplerSettings:
     @property
     def guidance(self) -> Guidance:
         k = self.knobs
-        return Guidance(k.get("guidance", 0.0), k.get("attn_temp", 1.0), k.get("annealed", False))
+        return Guidance(k.get("guidance", 0.0), k.get("attn_temp", 1.0), k.get("annealed", False),
+                        k.get("guidance_rule", "linear"))
 
     def resolve(self, ranking: list[BlockRank] | None, num_patches: int) -> SamplingSchedule:
         """The schedule of a fixed or ``auto:paper`` sampler (the planner needs
@@ -189,8 +191,10 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         "guidance": float(cfg.get("guidance") or 0.0),
         "attn_temp": float(cfg.get("attn_temp", 1.0) or 1.0),
         "annealed": bool(cfg.get("annealed", False)),
+        "guidance_rule": str(cfg.get("guidance_rule") or "linear"),
         "denoise": float(cfg.get("denoise") or 0.0),
     }
+    Guidance(rule=knobs["guidance_rule"])  # an unknown rule fails now, naming the known ones
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,
                            None if check_every is None else int(check_every))
