@@ -260,7 +260,17 @@ class PlanCache:
     def put(self, plan: Plan) -> None:
         plans = self._load()
         plans[self._text(plan.key)] = plan.to_dict()
+        self._write(plans)
+
+    def drop(self, key: dict[str, Any]) -> None:
+        """Forget the plan of ``key`` (one measured to be wrong), if there is one."""
+        plans = self._load()
+        if plans.pop(self._text(key), None) is not None:
+            self._write(plans)
+
+    def _write(self, plans: dict[str, Any]) -> None:
         if self.path is None:
+            self._memory = plans
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")

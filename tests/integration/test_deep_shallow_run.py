@@ -30,12 +30,13 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("ds")
     base = [o for o in TINY if not o.startswith(("~callbacks", "data.num_classes",
                                                    "sampler.guidance"))]
+    sampling = {"num_samples": 6, "grid_size": 4, "probe_size": 8, "reference_size": 8,
+                "batch_size": 3}
     cfg = compose_train(tmp, [
-        *base, *DEEP_SHALLOW, "callbacks=[model_checkpoint,sampling,ema]", "logger=csv", "trainer.max_epochs=1",
-        "trainer.limit_train_batches=3", "sampler=gs_jacobi_auto", "sampler.guidance=1.0",
-        "sampler.guidance_rule=starflow", "callbacks.sampling.num_samples=6",
-        "callbacks.sampling.grid_size=4", "callbacks.sampling.probe_size=8",
-        "callbacks.sampling.reference_size=8", "callbacks.sampling.batch_size=3",
+        *base, *DEEP_SHALLOW, "callbacks=[model_checkpoint,sampling,ema]", "logger=csv",
+        "trainer.max_epochs=1", "trainer.limit_train_batches=3", "sampler=gs_jacobi_auto",
+        "sampler.guidance=1.0", "sampler.guidance_rule=starflow",
+        *[f"callbacks.sampling.{k}={v}" for k, v in sampling.items()],
         f"+callbacks.sampling.extractor={{_target_:{EXTRACTOR}}}"])
     result = train(cfg)
     return Path(result["last_ckpt"]), result

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tarflow.lit.callbacks.sampling import SamplingCallback
 from tarflow.sampling import SEQUENTIAL, BlockSchedule
@@ -78,3 +79,32 @@ def test_a_sequential_plan_is_compared_as_the_same_computation(tmp_path: Path) -
     assert fast == exact > 0 and count == 3 and err == 0.0
     fast, exact, count, err = cb._compare(net, SamplingSchedule.jacobi(2), [0, 1, 2, 3])
     assert fast != exact and err > 0
+
+
+class SlowPlan(SamplingCallback):
+    """Reports every planned schedule as 10x slower than the sequential loop."""
+
+    def _compare(self, net, schedule, shard):
+        out = super()._compare(net, schedule, shard)
+        return [10.0 * out[1], out[1], out[2], out[3]]
+
+
+def test_a_plan_measured_far_slower_than_predicted_is_planned_again(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = tiny_callback(tmp_path, SlowPlan, fid_stats_path=None)
+    logger = CSVLogger(str(tmp_path / "csv"), name="", version="run")
+    with pytest.warns(UserWarning, match="planned again at the next round"):
+        trainer(tmp_path, [cb], max_epochs=2, num_sanity_val_steps=0, logger=logger).fit(
+            tiny_module(), tiny_data())
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "run" / "metrics.csv")))
+    reused = [float(r["sampling/plan_reused"]) for r in rows if r.get("sampling/plan_reused")]
+    assert reused == [0.0, 0.0]  # the second round did not trust the first round's plan
+
+
+def test_plan_cache_drop(tmp_path: Path) -> None:
+    from tarflow.sampling import PlanCache
+
+    cache = PlanCache(tmp_path / "plans.json")
+    cache.drop({"model": "nothing"})  # nothing to drop: no file written
+    assert not (tmp_path / "plans.json").exists()

@@ -248,6 +248,7 @@ class SamplingCallback(Callback):
         metrics = round_metrics(result.ranking, tally, slowest, compare, max_err, plan)
         if fid_due:
             metrics[self.fid_key] = fid
+        self._check_plan(trainer, plan, metrics.get("sampling/speedup_vs_sequential"))
         # Phase 4: identical values on every rank; sync_dist keeps Lightning's bookkeeping
         # consistent (the mean of equal numbers is the number).
         for key, value in metrics.items():
@@ -333,6 +334,18 @@ class SamplingCallback(Callback):
             raise RuntimeError(f"SamplingCallback: rank(s) {failed} failed while {what}; their "
                                f"traceback shows why")
         return vec[world:].tolist()
+
+    def _check_plan(self, trainer: L.Trainer, plan: Plan | None, measured: float | None) -> None:
+        """Drop a cached plan whose measured speed-up falls well short of its prediction
+        (below 0.8x the predicted one, and below 1): it was timed while something else loaded
+        the machine, or the weights moved since. The next round plans again."""
+        if plan is None or measured is None or not trainer.is_global_zero:
+            return
+        if measured < min(1.0, 0.8 * plan.predicted_speedup):
+            self.plan_cache.drop(plan.key)
+            rank_zero_warn(f"sampling plan {plan.schedule.describe()} measured "
+                           f"{measured:.2f}x sequential against {plan.predicted_speedup:.2f}x "
+                           f"predicted; it will be planned again at the next round")
 
     def _planner_timer(self, trainer: L.Trainer):
         """A cost function replacing the planner's wall-clock timing, or None (the default).
