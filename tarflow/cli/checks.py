@@ -16,7 +16,8 @@ from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.runs import holds_run, is_secondary_process
-from tarflow.eval import FeatureStats
+from tarflow.eval import FeatureStats, load_reference, reference_format
+from tarflow.eval.inception import FEATURE_DIM
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
 from tarflow.lit.wandb_utils import checkpoint_run_dir
@@ -51,7 +52,9 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     if sampling is not None:
         normalise_schedule(sampling.get("sampler"))
         check_sampler(_plain(sampling.get("sampler")), model, guidance_must_work=True)
-        _check_fid_stats(sampling.get("fid_stats_path"), cfg.data)
+        check_fid_reference(sampling.get("fid_stats_path"), cfg.data.img_size,
+                            cfg.data.channels, key="callbacks.sampling.fid_stats_path",
+                            custom_extractor=sampling.get("extractor") is not None)
     if (cfg.get("final_samples") or {}).get("enabled", False):
         # The final grid drops guidance that cannot act (write_sample_grid), so only the
         # schedule and the knobs' ranges are checked for it.
@@ -147,23 +150,42 @@ def check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_w
         ) from None
 
 
-def _check_fid_stats(path: str | None, data: DictConfig) -> None:
-    """Cached FID statistics of another resolution would be overwritten mid-run: refuse them."""
-    if not path or not Path(path).is_file():
+def check_fid_reference(path: str | None, img_size: int, channels: int, *, key: str,
+                        custom_extractor: bool = False) -> None:
+    """Refuse FID reference statistics that cannot serve this run, before any work.
+
+    Our own cache computed for another resolution would be overwritten mid-run; an external
+    reference (official torchmetrics ``.pth``, plain ``mu``/``sigma`` ``.npz``) must be
+    readable, of this resolution where its name says, and of Inception's 2048 features unless
+    a custom extractor is configured; a ``.pth`` is never computed, so it must exist.
+    """
+    if not path:
+        return
+    fmt = reference_format(path)
+    if fmt is None:
+        if Path(path).suffix == ".pth":
+            raise FileNotFoundError(
+                f"{key}={path} does not exist; a .pth reference (torchmetrics FID state dict) "
+                f"is read, never computed: give an existing file or an .npz path to cache")
+        return
+    if fmt != "tarflow-npz":
+        reference = load_reference(path, expect={"img_size": int(img_size)})
+        if not custom_extractor and reference.num_features != FEATURE_DIM:
+            raise ValueError(f"{key}={path} holds {reference.num_features}-d features; "
+                             f"Inception FID needs {FEATURE_DIM}")
         return
     try:
         meta = FeatureStats.load(path).meta
     except Exception:  # unreadable caches are recomputed by the callback, with a warning
         return
-    want = {"img_size": int(data.img_size), "channels": int(data.channels)}
+    want = {"img_size": int(img_size), "channels": int(channels)}
     wrong = [
         f"{k}={meta[k]} (this run: {v})" for k, v in want.items() if k in meta and int(meta[k]) != v
     ]
     if wrong:
         raise ValueError(
             f"FID statistics {path} were computed for {', '.join(wrong)}; delete "
-            f"the file or set callbacks.sampling.fid_stats_path to statistics of "
-            f"this resolution"
+            f"the file or set {key} to statistics of this resolution"
         )
 
 

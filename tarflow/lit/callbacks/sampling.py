@@ -37,9 +37,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
+from tarflow.eval import FeatureStats, InceptionFeatures, ReferenceStats, frechet_distance
 from tarflow.lit.callbacks.media import log_media
-from tarflow.lit.callbacks.reference import fixed_subset, reference_stats, stack_items
+from tarflow.lit.callbacks.reference import fixed_subset, logged_reference_stats, stack_items
 from tarflow.lit.callbacks.rounds import RoundResult, find_dataset, round_media, round_metrics
 from tarflow.lit.callbacks.sample_set import (
     ConvergenceTrace,
@@ -127,7 +127,7 @@ class SamplingCallback(Callback):
         self.plan_cache = PlanCache(plan_cache)
         self.validations = 0  # non-sanity validations seen (saved in checkpoints)
         self._probe: torch.Tensor | None = None
-        self._reference: FeatureStats | None = None
+        self._reference: ReferenceStats | None = None
 
     @property
     def fid_key(self) -> str:
@@ -368,18 +368,15 @@ class SamplingCallback(Callback):
         return self.extractor
 
     def _load_reference(self, trainer: L.Trainer, extractor: Callable,
-                        device: torch.device) -> FeatureStats:
+                        device: torch.device) -> ReferenceStats:
         ds = find_dataset(trainer, self.reference_split)
         if ds is None:
             raise ValueError(f"FID needs reference images, but the trainer has no "
                              f"{self.reference_split!r} dataset (set reference_split)")
-        cached = Path(self.fid_stats_path).is_file()
-        rank_zero_info(f"FID reference statistics: {self.fid_stats_path} ("
-                       + ("cached" if cached else f"computing from {self.reference_size} "
-                          f"{self.reference_split} images, then cached") + ")")
-        return reference_stats(self.fid_stats_path, ds, extractor, split=self.reference_split,
-                               count=self.reference_size, seed=self.reference_seed,
-                               batch_size=self.fid_batch_size, device=device)
+        return logged_reference_stats(self.fid_stats_path, ds, extractor, trainer.loggers,
+                                      split=self.reference_split, count=self.reference_size,
+                                      seed=self.reference_seed, batch_size=self.fid_batch_size,
+                                      device=device)
 
     def _log_media(self, trainer: L.Trainer, result: RoundResult, tally: IterationTally,
                    grid: torch.Tensor | None) -> None:
