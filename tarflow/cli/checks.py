@@ -20,6 +20,7 @@ from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
+from tarflow.lit.module import compile_options
 from tarflow.lit.wandb_utils import checkpoint_run_dir
 from tarflow.model import (
     CheckpointSummary,
@@ -47,6 +48,8 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
         The model's :class:`TarFlowConfig`.
     """
     model = _model_config(cfg)
+    if "module" in cfg:
+        compile_options(_plain(cfg.module.get("compile")))  # names the bad option itself
     normalise_schedule(cfg.get("sampler"))
     sampling = _sampling_callback_node(cfg)
     if sampling is not None:
