@@ -62,7 +62,11 @@ def bar_figure(labels: Sequence[str], values: Sequence[float], *, title: str = "
     fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
     ax = fig.add_subplot()
     heights = [v if math.isfinite(v) else 0.0 for v in values]
-    bars = ax.bar([str(k) for k in labels], heights, color="tab:blue")
+    # Numeric positions with text ticks: string x values that look like numbers make
+    # matplotlib log a "categorical units" notice on every chart.
+    positions = list(range(len(heights)))
+    bars = ax.bar(positions, heights, color="tab:blue")
+    ax.set_xticks(positions, [str(k) for k in labels])
     ax.bar_label(bars, labels=[fmt.format(v) if math.isfinite(v) else "n/a" for v in values],
                  padding=2)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
