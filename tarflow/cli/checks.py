@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
+from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.runs import holds_run, is_secondary_process
@@ -20,6 +21,7 @@ from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
+from tarflow.lit.fsdp import is_fsdp
 from tarflow.lit.module import compile_options
 from tarflow.lit.wandb_utils import checkpoint_run_dir
 from tarflow.model import (
@@ -30,6 +32,7 @@ from tarflow.model import (
     weights_mismatch,
 )
 from tarflow.model.checkpoint import read_file, split_checkpoint
+from tarflow.model.sharded import is_sharded_checkpoint
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -66,8 +69,9 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     if ckpt is not None and init is not None:
         raise ValueError("ckpt_path (resume a run) and init_from (start a new run from weights) "
                          "exclude each other; give one")
+    fsdp = _check_strategy(cfg)
     if ckpt is not None:
-        _check_resume(ckpt, model)
+        _check_resume(ckpt, model, fsdp)
     if init is not None:
         _check_init_from(init, model)
     if not is_secondary_process():  # other ranks start after the first one wrote its files
@@ -77,6 +81,31 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _check_strategy(cfg: DictConfig) -> bool:
+    """Refuse EMA under FSDP (see :mod:`tarflow.lit.fsdp`); returns whether FSDP is used."""
+    strategy = cfg.get("trainer", {}).get("strategy")
+    if isinstance(strategy, DictConfig) and "_target_" in strategy:
+        try:
+            strategy = get_class(str(strategy._target_))
+        except Exception:  # an unimportable target fails later with its own message
+            return False
+    if not is_fsdp(strategy):
+        return False
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        try:
+            cls = get_class(str(node._target_))
+        except Exception:
+            continue
+        if isinstance(cls, type) and issubclass(cls, WeightAveraging):
+            raise ValueError(
+                f"callbacks.{name} ({cls.__name__}) cannot run under FSDP: Lightning's weight "
+                f"averaging keeps a full unsharded copy and updates it parameter by parameter "
+                f"from the sharded module; train without it: add '~callbacks.{name}'")
+    return True
 
 
 def _model_config(cfg: DictConfig) -> TarFlowConfig:
@@ -194,8 +223,11 @@ def check_fid_reference(path: str | None, img_size: int, channels: int, *, key: 
 
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_file(key: str, value: Any, hint: str) -> Path:
-    """The file ``key`` names, refused when it is missing or not a torch archive."""
+    """The file (or sharded checkpoint directory) ``key`` names, refused when it is missing or
+    not a torch archive."""
     path = Path(str(value)).expanduser()
+    if is_sharded_checkpoint(path):  # trainer=fsdp writes checkpoints as directories
+        return path
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"{key} {path} {what}; {hint}")
@@ -207,12 +239,17 @@ def checkpoint_file(key: str, value: Any, hint: str) -> Path:
     return path
 
 
-def _check_resume(ckpt: Any, model: TarFlowConfig) -> None:
-    """``ckpt_path`` must be a Lightning checkpoint of this very architecture."""
+def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool) -> None:
+    """``ckpt_path`` must be a Lightning checkpoint of this very architecture; a sharded one
+    resumes under FSDP only (no other strategy reads a directory)."""
     if str(ckpt) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt):
         return
     path = checkpoint_file("ckpt_path", ckpt,
                            "resume with ckpt_path=<run dir>/checkpoints/last.ckpt")
+    if is_sharded_checkpoint(path) and not fsdp:
+        raise ValueError(
+            f"ckpt_path {path} is a sharded (FSDP) checkpoint: resume it with trainer=fsdp, or "
+            f"start a new run from its weights with init_from={path}")
     summary = describe_checkpoint(path)
     if not summary.lightning:
         raise ValueError(

@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from tarflow.data import drop_labels, gaussian_noise, uniform_dequantize
 from tarflow.model import TarFlow, TarFlowConfig
@@ -297,6 +298,19 @@ class TarFlowLitModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except under FSDP: each rank holds a shard of the gradients,
+        so only FSDP's own ``clip_grad_norm_`` sees the global norm (Lightning's FSDP
+        precision plugin refuses norm clipping)."""
+        model = self.trainer.strategy.model
+        if (isinstance(model, FullyShardedDataParallel) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
