@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from tarflow.data import build_dataset
-from tarflow.eval import FeatureStats, InceptionFeatures
+from tarflow.eval import InceptionFeatures, ReferenceStats
 from tarflow.lit.callbacks.reference import reference_stats, stats_file_name
 
 DEFAULT_OUT_DIR = Path("data") / "fid_stats"  # = ${paths.fid_stats_dir} run from the repo root
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.force:
         path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    stats: FeatureStats = reference_stats(path, ds, extractor, split=args.split,
-                                          count=args.count, seed=args.seed,
-                                          batch_size=args.batch_size, device=args.device,
-                                          progress=not args.no_progress)
+    stats: ReferenceStats = reference_stats(path, ds, extractor, split=args.split,
+                                            count=args.count, seed=args.seed,
+                                            batch_size=args.batch_size, device=args.device,
+                                            progress=not args.no_progress)
     print(f"{path}: statistics of {stats.count} of the {len(ds)} {args.dataset}/{args.split} "
           f"images, {stats.num_features} features, {time.perf_counter() - t0:.1f} s")
     return 0

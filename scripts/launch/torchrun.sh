@@ -6,6 +6,7 @@
 #   NPROC=4 NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 scripts/launch/torchrun.sh experiment=...
 #   RUN_DIR=outputs/img64_cond/2026-01-01_00-00-00 scripts/launch/torchrun.sh \
 #       experiment=img64_cond ckpt_path=outputs/img64_cond/2026-01-01_00-00-00/checkpoints/last.ckpt
+#   TRAINER=fsdp scripts/launch/torchrun.sh experiment=img64_cond '~callbacks.ema'   # sharded
 #
 # Why pin hydra.run.dir: every rank resolves ${now:...} by itself, a second apart they would
 # write into different run dirs (and W&B would see different run ids). The directory is computed
@@ -36,6 +37,6 @@ exec torchrun \
   --nnodes="${NNODES}" --node_rank="${NODE_RANK}" --nproc_per_node="${NPROC}" \
   --master_addr="${MASTER_ADDR}" --master_port="${MASTER_PORT}" \
   -m tarflow.cli.train \
-  trainer=ddp trainer.devices="${NPROC}" trainer.num_nodes="${NNODES}" \
+  trainer="${TRAINER:-ddp}" trainer.devices="${NPROC}" trainer.num_nodes="${NNODES}" \
   hydra.run.dir="${RUN_DIR}" \
   "$@"

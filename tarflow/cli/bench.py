@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "FID samples (one backward pass, the same for every method: not timed)")
     p.add_argument("--fid", type=int, default=0, metavar="N", help="also FID@N of every method "
                    "on the same N per-sample-seeded noises and labels (not timed)")
-    p.add_argument("--fid-stats", help="reference statistics (.npz from the sampling callback, "
-                   "tarflow-eval or scripts/prepare_fid_stats.py)")
+    p.add_argument("--fid-stats", help="reference statistics: our .npz cache (sampling "
+                   "callback, tarflow-eval, scripts/prepare_fid_stats.py), an official "
+                   "{dataset}_{img_size}_fid_stats.pth or a plain mu/sigma .npz")
     p.add_argument("--fid-batch", type=int, default=50)
     p.add_argument("--inception-weights", help="local Inception weights file (default: torch "
                    "hub's checkpoints dir, see tarflow-fid-weights)")
@@ -138,12 +139,12 @@ def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int,
 
 def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
     """FID@N of each method (and sequential) on identical per-sample-seeded noise and labels."""
-    from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
+    from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance, load_reference
 
     if not args.fid_stats:
         fail("--fid needs --fid-stats (reference statistics of the data)")
     try:
-        reference = FeatureStats.load(args.fid_stats, expect={"img_size": model.config.img_size})
+        reference = load_reference(args.fid_stats, expect={"img_size": model.config.img_size})
         extractor = InceptionFeatures(args.inception_weights)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))

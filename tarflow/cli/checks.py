@@ -13,12 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_class
+from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.runs import holds_run, is_secondary_process
-from tarflow.eval import FeatureStats
+from tarflow.eval import FeatureStats, load_reference, reference_format
+from tarflow.eval.inception import FEATURE_DIM
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
+from tarflow.lit.fsdp import is_fsdp
+from tarflow.lit.module import compile_options
 from tarflow.lit.wandb_utils import checkpoint_run_dir
 from tarflow.model import (
     CheckpointSummary,
@@ -27,6 +31,7 @@ from tarflow.model import (
     weights_mismatch,
 )
 from tarflow.model.checkpoint import read_file, split_checkpoint
+from tarflow.model.sharded import is_sharded_checkpoint
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -45,12 +50,16 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
         The model's :class:`TarFlowConfig`.
     """
     model = _model_config(cfg)
+    if "module" in cfg:
+        compile_options(_plain(cfg.module.get("compile")))  # names the bad option itself
     normalise_schedule(cfg.get("sampler"))
     sampling = _sampling_callback_node(cfg)
     if sampling is not None:
         normalise_schedule(sampling.get("sampler"))
         check_sampler(_plain(sampling.get("sampler")), model, guidance_must_work=True)
-        _check_fid_stats(sampling.get("fid_stats_path"), cfg.data)
+        check_fid_reference(sampling.get("fid_stats_path"), cfg.data.img_size,
+                            cfg.data.channels, key="callbacks.sampling.fid_stats_path",
+                            custom_extractor=sampling.get("extractor") is not None)
     if (cfg.get("final_samples") or {}).get("enabled", False):
         # The final grid drops guidance that cannot act (write_sample_grid), so only the
         # schedule and the knobs' ranges are checked for it.
@@ -59,8 +68,9 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     if ckpt is not None and init is not None:
         raise ValueError("ckpt_path (resume a run) and init_from (start a new run from weights) "
                          "exclude each other; give one")
+    fsdp = _check_strategy(cfg)
     if ckpt is not None:
-        _check_resume(ckpt, model)
+        _check_resume(ckpt, model, fsdp)
     if init is not None:
         _check_init_from(init, model)
     if not is_secondary_process():  # other ranks start after the first one wrote its files
@@ -70,6 +80,31 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
 
 def _plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _check_strategy(cfg: DictConfig) -> bool:
+    """Refuse EMA under FSDP (see :mod:`tarflow.lit.fsdp`); returns whether FSDP is used."""
+    strategy = cfg.get("trainer", {}).get("strategy")
+    if isinstance(strategy, DictConfig) and "_target_" in strategy:
+        try:
+            strategy = get_class(str(strategy._target_))
+        except Exception:  # an unimportable target fails later with its own message
+            return False
+    if not is_fsdp(strategy):
+        return False
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            continue
+        try:
+            cls = get_class(str(node._target_))
+        except Exception:
+            continue
+        if isinstance(cls, type) and issubclass(cls, WeightAveraging):
+            raise ValueError(
+                f"callbacks.{name} ({cls.__name__}) cannot run under FSDP: Lightning's weight "
+                f"averaging keeps a full unsharded copy and updates it parameter by parameter "
+                f"from the sharded module; train without it: add '~callbacks.{name}'")
+    return True
 
 
 def _model_config(cfg: DictConfig) -> TarFlowConfig:
@@ -144,30 +179,52 @@ def check_sampler(sampler: dict | None, model: TarFlowConfig, *, guidance_must_w
         ) from None
 
 
-def _check_fid_stats(path: str | None, data: DictConfig) -> None:
-    """Cached FID statistics of another resolution would be overwritten mid-run: refuse them."""
-    if not path or not Path(path).is_file():
+def check_fid_reference(path: str | None, img_size: int, channels: int, *, key: str,
+                        custom_extractor: bool = False) -> None:
+    """Refuse FID reference statistics that cannot serve this run, before any work.
+
+    Our own cache computed for another resolution would be overwritten mid-run; an external
+    reference (official torchmetrics ``.pth``, plain ``mu``/``sigma`` ``.npz``) must be
+    readable, of this resolution where its name says, and of Inception's 2048 features unless
+    a custom extractor is configured; a ``.pth`` is never computed, so it must exist.
+    """
+    if not path:
+        return
+    fmt = reference_format(path)
+    if fmt is None:
+        if Path(path).suffix == ".pth":
+            raise FileNotFoundError(
+                f"{key}={path} does not exist; a .pth reference (torchmetrics FID state dict) "
+                f"is read, never computed: give an existing file or an .npz path to cache")
+        return
+    if fmt != "tarflow-npz":
+        reference = load_reference(path, expect={"img_size": int(img_size)})
+        if not custom_extractor and reference.num_features != FEATURE_DIM:
+            raise ValueError(f"{key}={path} holds {reference.num_features}-d features; "
+                             f"Inception FID needs {FEATURE_DIM}")
         return
     try:
         meta = FeatureStats.load(path).meta
     except Exception:  # unreadable caches are recomputed by the callback, with a warning
         return
-    want = {"img_size": int(data.img_size), "channels": int(data.channels)}
+    want = {"img_size": int(img_size), "channels": int(channels)}
     wrong = [
         f"{k}={meta[k]} (this run: {v})" for k, v in want.items() if k in meta and int(meta[k]) != v
     ]
     if wrong:
         raise ValueError(
             f"FID statistics {path} were computed for {', '.join(wrong)}; delete "
-            f"the file or set callbacks.sampling.fid_stats_path to statistics of "
-            f"this resolution"
+            f"the file or set {key} to statistics of this resolution"
         )
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def checkpoint_file(key: str, value: Any, hint: str) -> Path:
-    """The file ``key`` names, refused when it is missing or not a torch archive."""
+    """The file (or sharded checkpoint directory) ``key`` names, refused when it is missing or
+    not a torch archive."""
     path = Path(str(value)).expanduser()
+    if is_sharded_checkpoint(path):  # trainer=fsdp writes checkpoints as directories
+        return path
     if not path.is_file():
         what = "is a directory" if path.is_dir() else "does not exist"
         raise FileNotFoundError(f"{key} {path} {what}; {hint}")
@@ -179,12 +236,17 @@ def checkpoint_file(key: str, value: Any, hint: str) -> Path:
     return path
 
 
-def _check_resume(ckpt: Any, model: TarFlowConfig) -> None:
-    """``ckpt_path`` must be a Lightning checkpoint of this very architecture."""
+def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool) -> None:
+    """``ckpt_path`` must be a Lightning checkpoint of this very architecture; a sharded one
+    resumes under FSDP only (no other strategy reads a directory)."""
     if str(ckpt) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt):
         return
     path = checkpoint_file("ckpt_path", ckpt,
                            "resume with ckpt_path=<run dir>/checkpoints/last.ckpt")
+    if is_sharded_checkpoint(path) and not fsdp:
+        raise ValueError(
+            f"ckpt_path {path} is a sharded (FSDP) checkpoint: resume it with trainer=fsdp, or "
+            f"start a new run from its weights with init_from={path}")
     summary = describe_checkpoint(path)
     if not summary.lightning:
         raise ValueError(

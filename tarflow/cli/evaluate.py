@@ -37,10 +37,10 @@ from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records
 from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
-from tarflow.cli.sample_checks import check_eval_config
+from tarflow.cli.sample_checks import check_eval_config, fid_stats_path
 from tarflow.data import build_dataset, uniform_dequantize
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
-from tarflow.lit.callbacks.reference import reference_stats, stack_items
+from tarflow.lit.callbacks.reference import reference_provenance, reference_stats, stack_items
 from tarflow.lit.callbacks.sample_set import IterationTally, sample_batches
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.model import TarFlow
@@ -106,8 +106,7 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     extractor = _extractor(fid, device)
     ref_split = fid.get("reference_split") or "train"
     ref_ds = _dataset(net, data, ref_split)
-    stats_path = str(fid["stats_path"]).format(img_size=net.config.img_size,
-                                               channels=net.config.in_channels)
+    stats_path = fid_stats_path(cfg, net.config)
     t0 = time.perf_counter()
     reference = reference_stats(stats_path, ref_ds, extractor, split=ref_split,
                                 count=int(fid.get("reference_size") or 500),
@@ -129,6 +128,7 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     ref_mu, ref_sigma = reference.mean_cov()
     return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
             **summary_of(settings, schedule, tally, plan), "fid_stats_path": stats_path,
+            "fid_reference": reference_provenance(reference),
             "reference_seconds": ref_seconds, "feature_seconds": feature_seconds}
 
 

@@ -16,9 +16,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tarflow.cli.checks import check_sampler, checkpoint_file, normalise_schedule
+from tarflow.cli.checks import (
+    check_fid_reference,
+    check_sampler,
+    checkpoint_file,
+    normalise_schedule,
+)
 from tarflow.cli.sample_outputs import check_out_dir
-from tarflow.model import CheckpointSummary, describe_checkpoint
+from tarflow.model import CheckpointSummary, TarFlowConfig, describe_checkpoint
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = ("float32", "float64", "bfloat16")
@@ -96,7 +101,16 @@ def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
         check_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), summary.config,
                       guidance_must_work=True)
     resolve_data(cfg, summary)
+    if cfg.fid.enabled:
+        model = summary.config
+        check_fid_reference(fid_stats_path(cfg, model), model.img_size, model.in_channels,
+                            key="fid.stats_path", custom_extractor=bool(cfg.fid.get("extractor")))
     return summary
+
+
+def fid_stats_path(cfg: DictConfig, model: TarFlowConfig) -> str:
+    """``fid.stats_path`` with the checkpoint's ``{img_size}`` and ``{channels}`` filled in."""
+    return str(cfg.fid.stats_path).format(img_size=model.img_size, channels=model.in_channels)
 
 
 def resolve_data(cfg: DictConfig, summary: CheckpointSummary) -> None:

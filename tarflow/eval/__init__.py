@@ -15,11 +15,13 @@ from tarflow.eval.inception import (
     find_inception_weights,
     images_to_uint8,
 )
+from tarflow.eval.references import ReferenceStats, load_reference, reference_format
 
 __all__ = [
     "WEIGHTS_FILENAME",
     "FeatureStats",
     "InceptionFeatures",
+    "ReferenceStats",
     "convert_fid_helper_weights",
     "default_weights_path",
     "fid_from_batches",
@@ -27,5 +29,7 @@ __all__ = [
     "frechet_distance",
     "images_to_uint8",
     "load_or_compute_reference",
+    "load_reference",
+    "reference_format",
     "stats_from_batches",
 ]

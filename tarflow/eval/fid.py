@@ -16,11 +16,14 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from tarflow.eval.references import ReferenceStats
 
 ArrayLike = np.ndarray | Tensor
 
@@ -314,8 +317,12 @@ def load_or_compute_reference(
     meta: Mapping[str, Any],
     *,
     progress: bool = False,
-) -> FeatureStats:
+) -> FeatureStats | ReferenceStats:
     """Reference statistics from a cache file, (re)computing them when absent or stale.
+
+    An external reference at ``path`` (a torchmetrics FID ``.pth`` or a plain ``mu``/``sigma``
+    ``.npz``, see :mod:`tarflow.eval.references`) is returned as a ``ReferenceStats`` and never
+    overwritten; a ``.pth`` that does not exist is an error, not a cache to fill.
 
     ``meta`` gains an ``extractor`` entry (the extractor's ``name`` attribute, else its type)
     unless it has one, so statistics from different feature networks never mix. A cache whose
@@ -330,8 +337,19 @@ def load_or_compute_reference(
         meta: Settings that determine the statistics (dataset, img_size, transform, ...).
         progress: Show a tqdm bar while computing.
     """
+    from tarflow.eval.references import load_reference, reference_format  # (import cycle)
+
     path = Path(path)
     full_meta = {"extractor": _extractor_name(extractor), **meta}
+    fmt = reference_format(path)
+    if fmt not in (None, "tarflow-npz"):
+        # An external reference (official torchmetrics .pth, plain mu/sigma .npz) belongs to
+        # the user: used as it is, never recomputed over.
+        return load_reference(path, expect=full_meta)
+    if fmt is None and path.suffix == ".pth":
+        raise FileNotFoundError(f"FID reference {path} does not exist; a .pth reference (a "
+                                f"torchmetrics FID state dict) is only read, never computed: "
+                                f"give an existing file, or an .npz path to compute and cache")
     if path.exists():
         try:
             return FeatureStats.load(path, expect=full_meta)

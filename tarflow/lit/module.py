@@ -32,6 +32,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from tarflow.data import drop_labels, gaussian_noise, uniform_dequantize
 from tarflow.model import TarFlow, TarFlowConfig
@@ -47,6 +48,9 @@ OPTIM_DEFAULTS: dict[str, Any] = {
 }
 NOISE_DEFAULTS: dict[str, Any] = {"type": "gaussian", "std": 0.05}
 NOISE_TYPES = ("gaussian", "uniform")
+# torch.compile arguments (``compile: true`` takes these as they are).
+COMPILE_DEFAULTS: dict[str, Any] = {"backend": "inductor", "mode": None, "fullgraph": False,
+                                    "dynamic": None}
 
 
 def _plain(value: Any) -> Any:
@@ -68,6 +72,25 @@ def _merge(name: str, given: Mapping | None, defaults: dict[str, Any]) -> dict[s
     if unknown:
         raise ValueError(f"unknown {name} option(s) {unknown}; known: {sorted(defaults)}")
     return {**defaults, **given}
+
+
+def compile_options(value: bool | Mapping | None) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments, or None when compilation is off.
+
+    ``True`` means the defaults; a mapping overrides them (``enabled: false`` inside it turns
+    compilation off, so a config can keep its options while switching it off).
+    """
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(COMPILE_DEFAULTS)
+    given = _plain(value)
+    if not isinstance(given, dict):
+        raise ValueError(f"module.compile={value!r}: expected true/false or torch.compile "
+                         f"options {sorted(COMPILE_DEFAULTS)}")
+    if not given.pop("enabled", True):
+        return None
+    return _merge("module.compile", given, COMPILE_DEFAULTS)
 
 
 def _data_identity(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -123,6 +146,14 @@ class TarFlowLitModule(L.LightningModule):
             ``num_classes``, ``dataset_kwargs``), recorded in every checkpoint so that
             ``tarflow-eval`` evaluates against the data the model learnt; a relative ``root``
             is stored as an absolute path.
+        compile: ``torch.compile`` the flow blocks for training and validation passes: ``True``
+            (inductor, default options) or a mapping of ``backend``, ``mode``, ``fullgraph``,
+            ``dynamic`` (``enabled: false`` switches it off). Each ``FlowBlock`` is compiled
+            in place (``nn.Module.compile``), not ``TarFlow.forward``: the label range check
+            there reads values on the host (a graph break), the blocks share their compiled
+            code, and the state-dict keys stay those of the official checkpoints (a
+            ``torch.compile``d module would add an ``_orig_mod.`` prefix). Samplers call
+            ``FlowBlock.predict`` and stay eager (docs/benchmarks.md, "torch.compile").
     """
 
     def __init__(
@@ -133,6 +164,7 @@ class TarFlowLitModule(L.LightningModule):
         label_drop: float = 0.1,
         seed: int = 0,
         data: Mapping[str, Any] | None = None,
+        compile: bool | Mapping[str, Any] | None = False,
     ) -> None:
         super().__init__()
         model = _plain(model)
@@ -154,6 +186,8 @@ class TarFlowLitModule(L.LightningModule):
         self.label_drop = float(label_drop)
         self.seed = int(seed or 0)
         self.data_identity = _data_identity(data)
+        self.compile_options = compile_options(compile)
+        self._compiled = False
         # Store complete, plain values: the full config (so from_checkpoint needs no defaults),
         # and no omegaconf containers (so loading needs no Hydra).
         self.save_hyperparameters(
@@ -164,9 +198,22 @@ class TarFlowLitModule(L.LightningModule):
                 "label_drop": self.label_drop,
                 "seed": self.seed,
                 "data": self.data_identity,
+                "compile": self.compile_options or False,
             }
         )
         self.net = TarFlow(self.config)
+
+    def setup(self, stage: str) -> None:
+        """Compile the flow blocks when asked (once).
+
+        Here rather than in ``__init__`` or ``configure_model``: Lightning runs the callbacks'
+        ``setup`` first, so the EMA callback has already taken its (uncompiled) copy of the
+        module, and ``WeightAveraging`` warns about any overridden ``configure_model``.
+        """
+        if self.compile_options is not None and not self._compiled:
+            for block in self.net.blocks:
+                block.compile(**self.compile_options)
+            self._compiled = True
 
     # ------------------------------------------------------------------ batch preparation
     def _generator(
@@ -251,6 +298,19 @@ class TarFlowLitModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except under FSDP: each rank holds a shard of the gradients,
+        so only FSDP's own ``clip_grad_norm_`` sees the global norm (Lightning's FSDP
+        precision plugin refuses norm clipping)."""
+        model = self.trainer.strategy.model
+        if (isinstance(model, FullyShardedDataParallel) and gradient_clip_val
+                and gradient_clip_algorithm in (None, "norm")):
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

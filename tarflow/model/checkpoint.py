@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tarflow.model.config import TarFlowConfig
+from tarflow.model.sharded import read_sharded
 
 if TYPE_CHECKING:
     from tarflow.model.tarflow import TarFlow
@@ -38,12 +39,19 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
     """torch.load with weights_only=True, turning every failure into one CheckpointError.
 
     Args:
-        path: the file.
+        path: the file, or a sharded checkpoint directory (:mod:`tarflow.model.sharded`).
         map_location: where tensors go.
         mmap: map the file instead of reading it (zip-format files only; others are read):
             start-up checks look at a few shapes of a checkpoint that may be gigabytes.
     """
     path = Path(path)
+    if path.is_dir():  # a sharded training checkpoint (trainer=fsdp) is a directory
+        try:
+            return read_sharded(path, map_location)
+        except Exception as err:
+            raise CheckpointError(f"{path} is a directory, not a readable sharded checkpoint "
+                                  f"(meta.pt + .metadata + .distcp files): {_reason(err)}"
+                                  ) from None
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     mmap = mmap and zipfile.is_zipfile(path)

@@ -112,7 +112,8 @@ def test_logs_every_key_to_csv_and_wandb(tmp_path: Path) -> None:
     assert 0 <= float(values["val/fid_12"]) < math.inf
     assert float(values["sampling/images"]) == 12
     media = tmp_path / "csv" / "run" / "media"
-    for stem in ("samples_grid", "blocks_crm_chart", "sampling_convergence"):
+    for stem in ("samples_grid", "blocks_crm_chart", "sampling_iters_chart",
+                 "sampling_convergence"):
         assert len(list(media.glob(f"{stem}_epoch000_*.png"))) == 1, stem
     plan = list(csv.reader(open(next(media.glob("sampling_plan_epoch000_*.csv")))))
     assert plan[0][:4] == ["block", "candidate", "chosen", "median_ms"]
@@ -126,7 +127,7 @@ def test_logs_every_key_to_csv_and_wandb(tmp_path: Path) -> None:
 
     # W&B (offline): scalars, the table, the charts and the grid in the run.
     wandb_keys = {"blocks/ranking", "samples/grid", "blocks/crm_chart_table",
-                  "sampling/convergence_table", "sampling/plan"}
+                  "sampling/iters_chart_table", "sampling/convergence_table", "sampling/plan"}
     assert set(METRIC_KEYS) | wandb_keys <= set(summary), (set(METRIC_KEYS) | wandb_keys) - set(
         summary)
     files = run_dir / "files" / "media"

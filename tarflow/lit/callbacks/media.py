@@ -1,9 +1,12 @@
-"""Media of a sampling round (grid, ranking table, CRM bars, convergence lines) to every logger.
+"""Media of a sampling round (grid, tables, CRM and iteration bars, convergence lines) to every
+logger.
 
-W&B gets native objects through the Lightning ``WandbLogger`` (``log_image``, ``log_table``,
-``log_metrics`` with ``wandb.plot`` charts). Any other logger with a ``log_dir`` (CSV,
-TensorBoard) gets the same content as PNG / CSV files under ``<log_dir>/media/``, so a run without
-W&B still keeps its pictures next to ``metrics.csv``. Called on global rank zero only.
+W&B gets native, interactive objects through the Lightning ``WandbLogger`` (``log_image``,
+``log_table``, and ``log_metrics`` with ``wandb.plot.bar`` / ``wandb.plot.line_series`` charts
+built on ``wandb.Table``). Any other logger with a ``log_dir`` (CSV, TensorBoard) gets the same
+content as files under ``<log_dir>/media/``: the tables as CSV, the charts as matplotlib PNGs
+(:mod:`tarflow.lit.callbacks.plots`), so a run without W&B still keeps its pictures next to
+``metrics.csv``. Called on global rank zero only.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from PIL import Image
 
-from tarflow.lit.callbacks.plots import bar_chart, line_chart
+from tarflow.lit.callbacks.plots import bar_chart, convergence_chart
 
 GRID_KEY = "samples/grid"
 TABLE_KEY = "blocks/ranking"
 CRM_CHART_KEY = "blocks/crm_chart"
+ITERS_CHART_KEY = "sampling/iters_chart"
 CONVERGENCE_KEY = "sampling/convergence"
 PLAN_KEY = "sampling/plan"
 
@@ -37,7 +41,9 @@ class RoundMedia:
         caption: a line under the grid (sampler, schedule).
         columns: ranking table header; rows: one list per block.
         crm_shares: per block label, its CRM share in percent.
+        iters: per block label, the Jacobi iterations it used (critical path, mean per batch).
         convergence: per block label, (iterations, log10 residual) of the traced batch.
+        tol: the stopping tolerance of every traced block (None when they differ).
         plan_columns, plan_rows: the planner's table (block, candidate, measured cost, chosen).
     """
 
@@ -48,7 +54,9 @@ class RoundMedia:
     columns: list[str] = field(default_factory=list)
     rows: list[list[Any]] = field(default_factory=list)
     crm_shares: dict[str, float] = field(default_factory=dict)
+    iters: dict[str, float] = field(default_factory=dict)
     convergence: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    tol: float | None = None
     plan_columns: list[str] = field(default_factory=list)
     plan_rows: list[list[Any]] = field(default_factory=list)
 
@@ -69,6 +77,11 @@ def _log_wandb(logger: WandbLogger, media: RoundMedia) -> None:
                             data=[[k, v] for k, v in media.crm_shares.items()])
         charts[CRM_CHART_KEY] = wandb.plot.bar(table, "block", "crm_share",
                                                title="CRM share per block (%)")
+    if media.iters:
+        table = wandb.Table(columns=["block", "iterations"],
+                            data=[[k, v] for k, v in media.iters.items()])
+        charts[ITERS_CHART_KEY] = wandb.plot.bar(table, "block", "iterations",
+                                                 title="Jacobi iterations per block")
     if media.convergence:
         names = list(media.convergence)
         charts[CONVERGENCE_KEY] = wandb.plot.line_series(
@@ -103,15 +116,20 @@ def write_media_files(directory: str | Path, media: RoundMedia) -> list[Path]:
             writer.writerow(columns)
             writer.writerows(rows)
         written.append(path)
-    if media.crm_shares:
-        path = out / f"{_file_stem(CRM_CHART_KEY, media)}.png"
-        bar_chart(list(media.crm_shares), list(media.crm_shares.values()),
-                  title="CRM share per block (%)", xlabel="block", ylabel="share %").save(path)
-        written.append(path)
+    bars = ((CRM_CHART_KEY, media.crm_shares, "CRM share per block", "CRM share (%)", False),
+            (ITERS_CHART_KEY, media.iters, "Jacobi iterations per block (critical path)",
+             "iterations per batch", True))
+    for key, values, title, ylabel, counts in bars:
+        if values:
+            path = out / f"{_file_stem(key, media)}.png"
+            bar_chart(list(values), list(values.values()), title=title, xlabel="block",
+                      ylabel=ylabel, fmt="{:.3g}" if counts else "{:.1f}",
+                      integer=counts).save(path)
+            written.append(path)
     if media.convergence:
         path = out / f"{_file_stem(CONVERGENCE_KEY, media)}.png"
-        line_chart(media.convergence, title="Jacobi convergence (traced batch)",
-                   xlabel="iteration", ylabel="log10 residual").save(path)
+        convergence_chart(media.convergence, tol=media.tol,
+                          title="Jacobi convergence (first batch, worst sample)").save(path)
         written.append(path)
     return written
 

@@ -1,7 +1,8 @@
-"""Small PIL drawings for loggers without native charts: a sample grid, a bar chart, line plots.
+"""Pictures for loggers without native charts (CSV, TensorBoard): a sample grid and two charts.
 
-matplotlib is not a dependency, and these pictures only need to be readable, so they are drawn
-with PIL's default bitmap font: axes, a few tick labels, one colour per series and a legend.
+The grid is torchvision's ``make_grid``; the charts are matplotlib figures drawn off-screen with
+the Agg canvas (no display, no pyplot global state, safe in a training process). W&B gets native,
+interactive charts instead (:mod:`tarflow.lit.callbacks.media`).
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from PIL import Image, ImageDraw
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
 from torchvision.utils import make_grid
 
 from tarflow.eval import images_to_uint8
 
-PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22", "#17becf"]
-WIDTH, HEIGHT = 640, 400
-LEFT, RIGHT, TOP, BOTTOM = 70, 130, 45, 50  # margins; the right one holds the legend
+SIZE = (6.4, 4.0)  # inches; at DPI 100 a 640x400 picture, readable in a file browser
+DPI = 100
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, *, min_cell: int = 64) -> Image.Image:
@@ -42,83 +44,76 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, *, min_cell: int =
     return picture
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+def _to_image(fig: Figure) -> Image.Image:
+    """Render a figure with the Agg canvas into an RGB PIL image."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
 
 
-def _frame(title: str, xlabel: str, ylabel: str) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    img = Image.new("RGB", (WIDTH, HEIGHT), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((LEFT, 5), title, fill="black")
-    draw.line([(LEFT, TOP), (LEFT, HEIGHT - BOTTOM), (WIDTH - RIGHT, HEIGHT - BOTTOM)],
-              fill="black")
-    draw.text(((LEFT + WIDTH - RIGHT) // 2 - 3 * len(xlabel), HEIGHT - 20), xlabel, fill="black")
-    draw.text((5, TOP - 24), ylabel, fill="black")
-    return img, draw
+def bar_figure(labels: Sequence[str], values: Sequence[float], *, title: str = "",
+               xlabel: str = "", ylabel: str = "", fmt: str = "{:.1f}",
+               integer: bool = False) -> Figure:
+    """Vertical bars from zero, one per label, each value written above its bar.
+
+    Non-finite values are drawn as missing bars (their label says ``n/a``); ``integer`` puts
+    the value axis's ticks on whole numbers (counts).
+    """
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    heights = [v if math.isfinite(v) else 0.0 for v in values]
+    # Numeric positions with text ticks: string x values that look like numbers make
+    # matplotlib log a "categorical units" notice on every chart.
+    positions = list(range(len(heights)))
+    bars = ax.bar(positions, heights, color="tab:blue")
+    ax.set_xticks(positions, [str(k) for k in labels])
+    ax.bar_label(bars, labels=[fmt.format(v) if math.isfinite(v) else "n/a" for v in values],
+                 padding=2)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.margins(y=0.12)  # room for the value labels above the tallest bar
+    if integer:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    return fig
 
 
-def _y_axis(draw: ImageDraw.ImageDraw, lo: float, hi: float) -> None:
-    """Five labelled ticks from lo to hi on the left axis."""
-    for k in range(5):
-        v = lo + (hi - lo) * k / 4
-        y = HEIGHT - BOTTOM - (HEIGHT - TOP - BOTTOM) * k / 4
-        draw.line([(LEFT - 4, y), (LEFT, y)], fill="black")
-        draw.text((5, y - 6), _fmt(v), fill="black")
+def convergence_figure(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+                       tol: float | None = None, title: str = "") -> Figure:
+    """One line per block: log10 relative residual against the Jacobi iteration.
+
+    Args:
+        series: per label, (iterations, log10 residuals).
+        tol: the stopping tolerance, drawn as a dashed line at log10(tol) when > 0.
+        title: figure title.
+    """
+    fig = Figure(figsize=SIZE, dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for name, (xs, ys) in series.items():
+        # A block of one iteration is a single point: the marker keeps it visible.
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.5, label=str(name))
+    if tol is not None and tol > 0:
+        ax.axhline(math.log10(tol), color="grey", linestyle="--", linewidth=1,
+                   label=f"tol = {tol:g}")
+    if not series:
+        ax.text(0.5, 0.5, "no Jacobi iterations traced", ha="center", va="center",
+                transform=ax.transAxes)
+    # Iterations are counts and log10 residuals read best at whole decades.
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title=title, xlabel="Jacobi iteration", ylabel="log10 relative residual")
+    ax.grid(alpha=0.3)
+    if series or tol:
+        ax.legend(loc="upper right", fontsize="small")
+    return fig
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], *, title: str = "",
-              xlabel: str = "", ylabel: str = "") -> Image.Image:
-    """Vertical bars from zero, one per label, the value printed above each bar."""
-    img, draw = _frame(title, xlabel, ylabel)
-    finite = [v for v in values if math.isfinite(v)]
-    hi = max([*finite, 0.0]) or 1.0
-    _y_axis(draw, 0.0, hi)
-    span = (WIDTH - RIGHT - LEFT) / max(len(values), 1)
-    for k, (label, v) in enumerate(zip(labels, values, strict=True)):
-        x0 = LEFT + k * span + 0.15 * span
-        x1 = LEFT + (k + 1) * span - 0.15 * span
-        height = (HEIGHT - TOP - BOTTOM) * (min(v, hi) / hi if math.isfinite(v) else 1.0)
-        top = HEIGHT - BOTTOM - max(height, 0.0)
-        draw.rectangle([x0, top, x1, HEIGHT - BOTTOM], fill=PALETTE[k % len(PALETTE)])
-        draw.text((x0, top - 14), _fmt(v), fill="black")
-        draw.text(((x0 + x1) / 2 - 3 * len(str(label)), HEIGHT - BOTTOM + 5), str(label),
-                  fill="black")
-    return img
+def bar_chart(labels: Sequence[str], values: Sequence[float], **kwargs) -> Image.Image:
+    """:func:`bar_figure` rendered as an RGB image."""
+    return _to_image(bar_figure(labels, values, **kwargs))
 
 
-def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
-               title: str = "", xlabel: str = "", ylabel: str = "") -> Image.Image:
-    """One polyline per named series of (xs, ys); non-finite points are skipped."""
-    img, draw = _frame(title, xlabel, ylabel)
-    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys, strict=True)
-           if math.isfinite(x) and math.isfinite(y)]
-    if not pts:
-        draw.text((LEFT + 10, TOP + 10), "no data", fill="black")
-        return img
-    x_lo, x_hi = min(p[0] for p in pts), max(p[0] for p in pts)
-    y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
-    x_hi = x_hi if x_hi > x_lo else x_lo + 1  # a single point still needs a non-empty range
-    y_hi = y_hi if y_hi > y_lo else y_lo + 1
-    _y_axis(draw, y_lo, y_hi)
-    for k in range(5):
-        v = x_lo + (x_hi - x_lo) * k / 4
-        x = LEFT + (WIDTH - RIGHT - LEFT) * k / 4
-        draw.text((x - 6, HEIGHT - BOTTOM + 5), _fmt(v), fill="black")
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (LEFT + (WIDTH - RIGHT - LEFT) * (x - x_lo) / (x_hi - x_lo),
-                HEIGHT - BOTTOM - (HEIGHT - TOP - BOTTOM) * (y - y_lo) / (y_hi - y_lo))
-
-    for k, (name, (xs, ys)) in enumerate(series.items()):
-        colour = PALETTE[k % len(PALETTE)]
-        line = [to_px(x, y) for x, y in zip(xs, ys, strict=True)
-                if math.isfinite(x) and math.isfinite(y)]
-        if len(line) > 1:
-            draw.line(line, fill=colour, width=2)
-        for px, py in line:
-            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        ly = TOP + 15 * k
-        draw.line([(WIDTH - RIGHT + 10, ly + 6), (WIDTH - RIGHT + 30, ly + 6)], fill=colour,
-                  width=3)
-        draw.text((WIDTH - RIGHT + 35, ly), str(name), fill="black")
-    return img
+def convergence_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+                      **kwargs) -> Image.Image:
+    """:func:`convergence_figure` rendered as an RGB image."""
+    return _to_image(convergence_figure(series, **kwargs))

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from tarflow.eval import FeatureStats, load_or_compute_reference
+from tarflow.eval import FeatureStats, ReferenceStats, load_or_compute_reference
 
 
 def fixed_subset(dataset: Dataset, count: int, seed: int = 0) -> list[int]:
@@ -69,11 +71,14 @@ def stats_file_name(dataset: str, img_size: int, channels: int, split: str, coun
 
 def reference_stats(path: str | Path, dataset: Dataset, extractor: Callable, *, split: str,
                     count: int, seed: int = 0, batch_size: int = 64,
-                    device: torch.device | str = "cpu", progress: bool = False) -> FeatureStats:
+                    device: torch.device | str = "cpu", progress: bool = False) -> ReferenceStats:
     """Load the reference statistics from ``path``, computing and caching them when needed.
 
+    ``path`` may also hold an external reference (the official torchmetrics FID ``.pth``, a
+    plain ``mu``/``sigma`` ``.npz``): it is used as it is, and the dataset is not read.
+
     Args:
-        path: cache file (``.npz``).
+        path: cache file (``.npz``) or external reference.
         dataset: the real images (items ``(x (C, H, W) in [-1, 1], y)``).
         extractor: feature network, images (B, C, H, W) -> (B, F).
         split: the dataset's split name (recorded in the cache's meta).
@@ -82,9 +87,44 @@ def reference_stats(path: str | Path, dataset: Dataset, extractor: Callable, *, 
         batch_size: images per extractor call.
         device: where the images go before the extractor sees them.
         progress: show a progress bar while computing.
+
+    Returns:
+        The moments with their sample count and provenance (``meta["format"]``, ``path``).
     """
     indices = fixed_subset(dataset, count, seed)
     meta = reference_meta(dataset, split=split, count=len(indices), seed=seed)
-    return load_or_compute_reference(
+    stats = load_or_compute_reference(
         path, lambda: image_batches(dataset, indices, batch_size, device), extractor, meta,
         progress=progress)
+    if isinstance(stats, FeatureStats):
+        stats = ReferenceStats.from_feature_stats(stats, format="tarflow-npz",
+                                                  path=str(Path(path).resolve()))
+    return stats
+
+
+def reference_provenance(reference: ReferenceStats) -> dict[str, Any]:
+    """The reference's format, file, sample count and checksum (plus our cache's own tags),
+    as plain values for logs, hyper-parameters and ``eval.json``."""
+    keep = ("format", "path", "num_samples", "sha256", "img_size", "dataset", "split",
+            "extractor", "subset_seed")
+    return {k: reference.meta[k] for k in keep if k in reference.meta}
+
+
+def logged_reference_stats(path: str | Path, dataset: Dataset, extractor: Callable,
+                           loggers: Sequence[Logger], **kwargs: Any) -> ReferenceStats:
+    """:func:`reference_stats` for a training run (rank zero): says where the statistics come
+    from, and records their provenance with the run's hyper-parameters (``fid_reference``),
+    so every ``val/fid_<N>`` of the run names what it was measured against.
+
+    Args:
+        path, dataset, extractor, **kwargs: as for :func:`reference_stats`.
+        loggers: the trainer's loggers.
+    """
+    if not Path(path).is_file():
+        rank_zero_info(f"FID reference statistics: computing {path} from {kwargs.get('count')} "
+                       f"{kwargs.get('split')} images")
+    reference = reference_stats(path, dataset, extractor, **kwargs)
+    rank_zero_info(f"FID reference statistics: {reference.describe()}")
+    for logger in loggers:
+        logger.log_hyperparams({"fid_reference": reference_provenance(reference)})
+    return reference

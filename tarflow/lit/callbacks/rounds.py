@@ -139,16 +139,22 @@ def round_metrics(ranking: list[BlockRank] | None, tally: IterationTally, slowes
 
 def round_media(result: RoundResult, tally: IterationTally, grid: torch.Tensor | None, *,
                 step: int, epoch: int, sampler: str, nrow: int | None = None) -> RoundMedia:
-    """The round's grid, ranking table, CRM shares and convergence lines (log10 residual)."""
+    """The round's grid, ranking table, CRM shares, iterations per block and convergence lines
+    (log10 residual)."""
     columns, rows = ranking_rows(result.ranking, result.schedule, tally)
     convergence = {}
+    tols = set()
     if result.trace is not None:
         for b, (xs, ys) in result.trace.series().items():
-            # A residual of exactly 0 (converged in float) would be -inf on a log axis.
-            convergence[f"block {b}"] = (xs, [math.log10(max(r, 1e-30)) for r in ys])
+            # A residual of exactly 0 (an exact fixed point) would be -inf on a log axis; it is
+            # drawn at 1e-16, below float32 round-off (eps^2 ~ 1e-14), where nothing else lands.
+            convergence[f"block {b}"] = (xs, [math.log10(max(r, 1e-16)) for r in ys])
+            tols.add(result.schedule.for_block(b).tol)
     plan_columns, plan_rows = result.plan.rows() if result.plan is not None else ([], [])
     return RoundMedia(
         step=step, epoch=epoch, grid=None if grid is None else image_grid(grid, nrow),
         caption=f"{sampler}: {result.schedule.describe()}", columns=columns, rows=rows,
         crm_shares={str(r.block): r.share for r in result.ranking or []},
-        convergence=convergence, plan_columns=plan_columns, plan_rows=plan_rows)
+        iters={str(b): n for b, n in tally.mean_iters().items()},
+        convergence=convergence, tol=tols.pop() if len(tols) == 1 else None,
+        plan_columns=plan_columns, plan_rows=plan_rows)

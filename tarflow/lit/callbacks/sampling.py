@@ -37,9 +37,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
+from tarflow.eval import FeatureStats, InceptionFeatures, ReferenceStats, frechet_distance
 from tarflow.lit.callbacks.media import log_media
-from tarflow.lit.callbacks.reference import fixed_subset, reference_stats, stack_items
+from tarflow.lit.callbacks.reference import fixed_subset, logged_reference_stats, stack_items
 from tarflow.lit.callbacks.rounds import RoundResult, find_dataset, round_media, round_metrics
 from tarflow.lit.callbacks.sample_set import (
     ConvergenceTrace,
@@ -52,6 +52,7 @@ from tarflow.lit.callbacks.sample_set import (
     shard_indices,
 )
 from tarflow.lit.callbacks.sampler_config import parse_sampler
+from tarflow.lit.fsdp import sampling_network
 from tarflow.model import TarFlow
 from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
 
@@ -127,7 +128,8 @@ class SamplingCallback(Callback):
         self.plan_cache = PlanCache(plan_cache)
         self.validations = 0  # non-sanity validations seen (saved in checkpoints)
         self._probe: torch.Tensor | None = None
-        self._reference: FeatureStats | None = None
+        self._reference: ReferenceStats | None = None
+        self._round_net: TarFlow | None = None  # the network a round samples (FSDP: a copy)
 
     @property
     def fid_key(self) -> str:
@@ -179,8 +181,14 @@ class SamplingCallback(Callback):
             return
         # Validation runs under inference mode; the cached extractor and probe batch outlive
         # this hook, so build them (and everything else) as normal tensors.
-        with torch.inference_mode(False), torch.no_grad():
-            self.run_round(trainer, pl_module, fid_due=fid_due)
+        # Under FSDP the round samples a gathered, unwrapped copy (see sampling_network).
+        with (torch.inference_mode(False), torch.no_grad(),
+              sampling_network(trainer, pl_module.net) as net):
+            self._round_net = net
+            try:
+                self.run_round(trainer, pl_module, fid_due=fid_due)
+            finally:
+                self._round_net = None
 
     def plan(self, validation: int, *, last: bool = False) -> tuple[bool, bool]:
         """(sample this validation?, with FID?) for the ``validation``-th one (from 1)."""
@@ -193,7 +201,7 @@ class SamplingCallback(Callback):
     def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, *,
                   fid_due: bool) -> dict[str, float]:
         """Sample, measure, reduce over ranks and log; returns the logged metrics."""
-        net: TarFlow = pl_module.net
+        net: TarFlow = self._round_net or pl_module.net
         device = pl_module.device
         total = self.num_samples if fid_due else max(1, min(self.grid_size, self.num_samples))
         ranking, schedule, plan, error = None, None, None, None
@@ -369,8 +377,7 @@ class SamplingCallback(Callback):
             idx = fixed_subset(ds, max(self.probe_size, 2), seed=self.seed)
             self._probe = stack_items(ds, idx)[0]
         param = next(net.parameters())
-        ranking = rank_blocks(net, self._probe.to(param.device, param.dtype), norm=self.rank_norm)
-        return ranking
+        return rank_blocks(net, self._probe.to(param.device, param.dtype), norm=self.rank_norm)
 
     def _extractor(self, device: torch.device) -> Callable:
         if self.extractor is None:
@@ -381,18 +388,15 @@ class SamplingCallback(Callback):
         return self.extractor
 
     def _load_reference(self, trainer: L.Trainer, extractor: Callable,
-                        device: torch.device) -> FeatureStats:
+                        device: torch.device) -> ReferenceStats:
         ds = find_dataset(trainer, self.reference_split)
         if ds is None:
             raise ValueError(f"FID needs reference images, but the trainer has no "
                              f"{self.reference_split!r} dataset (set reference_split)")
-        cached = Path(self.fid_stats_path).is_file()
-        rank_zero_info(f"FID reference statistics: {self.fid_stats_path} ("
-                       + ("cached" if cached else f"computing from {self.reference_size} "
-                          f"{self.reference_split} images, then cached") + ")")
-        return reference_stats(self.fid_stats_path, ds, extractor, split=self.reference_split,
-                               count=self.reference_size, seed=self.reference_seed,
-                               batch_size=self.fid_batch_size, device=device)
+        return logged_reference_stats(self.fid_stats_path, ds, extractor, trainer.loggers,
+                                      split=self.reference_split, count=self.reference_size,
+                                      seed=self.reference_seed, batch_size=self.fid_batch_size,
+                                      device=device)
 
     def _log_media(self, trainer: L.Trainer, result: RoundResult, tally: IterationTally,
                    grid: torch.Tensor | None) -> None:
