@@ -30,7 +30,7 @@ import time
 import torch
 import torch._dynamo
 
-from tarflow.eval.bench import interleaved_medians
+from tarflow.eval.bench import compiled_copy, interleaved_medians
 from tarflow.model import TarFlow
 from tarflow.sampling import SamplingSchedule, sample
 
@@ -39,14 +39,6 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
-
-
-def compiled_copy(net: TarFlow, options: dict) -> TarFlow:
-    """A copy of ``net`` whose blocks run ``predict`` through torch.compile."""
-    other = copy.deepcopy(net)
-    for block in other.blocks:
-        block.predict = torch.compile(block.predict, **options)  # instance attribute wins
-    return other
 
 
 @torch.no_grad()
@@ -58,7 +50,7 @@ def sampling_rows(net: TarFlow, batch: int, args) -> list[str]:
     jacobi = SamplingSchedule.jacobi(init="z", tol=args.tol)
     seq = SamplingSchedule.sequential()
     options = {"backend": args.backend, "mode": args.mode, "dynamic": True}
-    nets = {"eager": net, "compiled": compiled_copy(net, options)}
+    nets = {"eager": net, "compiled": compiled_copy(net, **options)}
     b = cfg.num_blocks - 1
     x = noise.clone()
     cond = net.blocks[b].class_bias(y)

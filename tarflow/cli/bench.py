@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import time
 from dataclasses import replace
 
 import torch
 
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
-from tarflow.eval.bench import Method, benchmark, format_table
+from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.sampling import (
     PlanCache,
@@ -65,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-batch", type=int, default=50)
     p.add_argument("--inception-weights", help="local Inception weights file (default: torch "
                    "hub's checkpoints dir, see tarflow-fid-weights)")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune"],
+                   help="also time every method (and the sequential loop) with each block's "
+                   "network pass torch.compile'd (inductor, dynamic shapes; MODE: default, "
+                   "reduce-overhead, max-autotune), as rows '<method>+compile' in the same "
+                   "round-robin (speed-ups against the eager sequential loop); the first compiled call of each (compile + run) is printed")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p
@@ -175,6 +182,18 @@ def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
     return out
 
 
+def with_compiled(methods: dict[str, Method], net, model, noise, y, knobs) -> dict[str, Method]:
+    """``methods`` plus, for each and for the sequential loop, a twin running ``net`` (the
+    compiled copy), each called once here so that its compile is paid (and printed) untimed."""
+    twins = {f"{name}+compile": replace(m, net=net) for name, m in
+             {"sequential": Method(SamplingSchedule.sequential()), **methods}.items()}
+    for name, m in twins.items():
+        t0 = time.perf_counter()
+        m.run(model, noise, y, **knobs)
+        print(f"{name}: first call (compile + run) {time.perf_counter() - t0:.1f} s")
+    return {**methods, **twins}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -190,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     all_rows = []
     fid_methods = methods
+    compiled = None
+    if args.compile:
+        compiled = compiled_copy(model, mode=None if args.compile == "default" else args.compile)
     if any(m.plan or m.tune for m in methods.values()) and len(args.batch) > 1:
         print(f"note: FID of planned/tuned methods uses their schedule for batch {args.batch[0]}")
     for B in args.batch:
@@ -203,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         methods_b = {**methods, **decided}
         if B == args.batch[0]:
             fid_methods = methods_b  # FID uses the schedules tuned for the first batch size
+        if compiled is not None:
+            methods_b = with_compiled(methods_b, compiled, model, noise, y, knobs)
         rows = benchmark(model, noise, y, methods_b, repeats=args.repeats, warmup=args.warmup,
                          concat_baseline=args.concat_baseline, **knobs)
         print(format_table(rows))

@@ -6,6 +6,7 @@ errors measured against the sequential loop's images on the same noise.
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import time
@@ -24,7 +25,8 @@ class Method:
     iterations (``sample(..., net_dtype=...)``), or the plain fixed-iteration Jacobi loop.
 
     ``tune`` / ``plan`` mark methods whose schedule is decided per batch size before timing
-    (``tune_segments`` / the planner, where ``net_dtype`` is the dtype it may use).
+    (``tune_segments`` / the planner, where ``net_dtype`` is the dtype it may use). ``net``, when
+    set, is the network the method runs instead of the benchmark's (e.g. :func:`compiled_copy`).
     """
 
     schedule: SamplingSchedule
@@ -32,6 +34,7 @@ class Method:
     tune: bool = False
     plan: bool = False
     plain_iters: int | None = None
+    net: TarFlow | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         if self.plain_iters is not None:
@@ -40,6 +43,7 @@ class Method:
         return self.schedule.describe() + (f" @{self.net_dtype}" if applied else "")
 
     def run(self, model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None, **knobs):
+        model = self.net if self.net is not None else model
         if self.plain_iters is not None:
             from tarflow.eval.baseline import sample_jacobi_plain
 
@@ -50,6 +54,21 @@ class Method:
                                        **g), None
         dtype = None if self.plan else self.net_dtype
         return sample(model, noise, y, self.schedule, net_dtype=dtype, **knobs)
+
+
+def compiled_copy(model: TarFlow, **options) -> TarFlow:
+    """A copy of ``model`` whose blocks run ``predict`` through ``torch.compile``.
+
+    ``predict`` is the one network call every sampler makes: one token with the KV cache in the
+    sequential loop, a run of tokens from the convergence frontier in a Jacobi iteration (its
+    length, start and batch change from call to call, hence ``dynamic=True`` unless ``options``
+    say otherwise). A copy, so that eager and compiled can be timed side by side on one set of
+    weights; the copy shares nothing with ``model``.
+    """
+    other = copy.deepcopy(model)
+    for block in other.blocks:
+        block.predict = torch.compile(block.predict, **{"dynamic": True, **options})
+    return other
 
 
 @dataclass

@@ -103,3 +103,19 @@ def test_bench_reuses_a_cached_plan(tmp_path, capsys):
     assert "planned in" in capsys.readouterr().out
     bench.main(args)
     assert "reused from cache" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_compile_rows_match_their_eager_twins(tmp_path, capsys):
+    """--compile adds '<method>+compile' rows on the same noise; compiled passes give the
+    eager samples up to float32 rounding."""
+    out = tmp_path / "bench.json"
+    bench.main(["--preset", "tiny", "--batch", "2", "--methods", "jacobi", "--tol", "1e-10",
+                "--repeats", "1", "--warmup", "0", "--compile", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "sequential+compile: first call (compile + run)" in text
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"sequential", "jacobi", "sequential+compile", "jacobi+compile"}
+    assert rows["sequential+compile"]["max_abs_err"] < 1e-4
+    assert rows["jacobi+compile"]["max_abs_err"] < 1e-4
+    assert rows["jacobi+compile"]["iters"] == rows["jacobi"]["iters"]
