@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time every method (and the sequential loop) with each block's "
                    "network pass torch.compile'd (inductor, dynamic shapes; MODE: default, "
                    "reduce-overhead, max-autotune), as rows '<method>+compile' in the same "
-                   "round-robin (speed-ups against the eager sequential loop); the first compiled call of each (compile + run) is printed")
+                   "round-robin (speed-ups against the eager sequential loop); the first "
+                   "compiled call of each (compile + run) is printed")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p
