@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
-from tarflow.cli.runs import save_records
+from tarflow.cli.runs import save_records, write_keeping_previous
 from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
 from tarflow.cli.sample_checks import check_eval_config, fid_stats_path
 from tarflow.data import build_dataset, uniform_dequantize
@@ -155,8 +155,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fid["extractor"] = instantiate(cfg.fid.extractor) if cfg.fid.get("extractor") else None
         results.update(fid_at_n(net, cfg, data, fid, progress))
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(results, indent=2, default=str))
+    kept = write_keeping_previous(out / "eval.json", json.dumps(results, indent=2, default=str))
+    if kept is not None:
+        print(f"the earlier results in this folder were kept as {kept}")
     for key, value in results.items():
         if isinstance(value, float):
             print(f"{key}: {value:.4f}")

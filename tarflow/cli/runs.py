@@ -77,6 +77,23 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_keeping_previous(path: Path, text: str) -> Path | None:
+    """Write ``path`` atomically; an earlier file of that name is kept as ``<stem>.<k>.<ext>``
+    (the next free k), so repeating a job into the same folder never loses its results.
+
+    Returns where the earlier file went (None when there was none).
+    """
+    kept = None
+    if path.exists():
+        k = 1
+        while (kept := path.with_name(f"{path.stem}.{k}{path.suffix}")).exists():
+            k += 1
+        os.replace(path, kept)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, text)
+    return kept
+
+
 def save_records(cfg: DictConfig, extra: dict[str, Any] | None = None) -> Path | None:
     """Write Hydra's three records of this job (and ``extra`` YAML files) into a fresh records
     directory of the job's output dir; returns it (None outside a Hydra job, in a secondary

@@ -86,11 +86,13 @@ Issue 14, "runs are safe to repeat and to get wrong" (``ti`` = tr/test_sample_ev
 8. Garbage checkpoints: ``ti::bad[sample-garbage]``, ``[eval-garbage]``,
    ``ta::refused[garbage-ckpt-path]``; the loader: tests/unit/test_checkpoint.py::
    test_garbage_files_are_not_checkpoints
-9. (the schedule text form of tarflow-rank: a separate change)
+9. tarflow-rank's schedule read back: tests/unit/test_cli_bench.py::
+   test_the_printed_schedule_reads_back_as_a_sampler_schedule
 10. ``--help``: ``ti::test_help_lists_only_what_works_there``; ``+model=tiny`` refused:
     ``ti::bad[sample-plus-model]``; ``sample.log``: ``ti::test_sampling_into_a_folder_with_
-    samples_is_refused_or_overwritten``; ``evaluate.log`` and absolute checkpoint paths in
-    eval.json: ``ti::test_eval_uses_the_data_the_checkpoint_was_trained_on``; ``train.log``
+    samples_is_refused_or_overwritten``; ``evaluate.log``, absolute checkpoint paths in
+    eval.json and an earlier eval.json kept on a repeat:
+    ``ti::test_eval_uses_the_data_the_checkpoint_was_trained_on``; ``train.log``
     epochs and total time: ``ta::test_resume_restores_the_runs_own_config_and_keeps_its_records``;
     ``debug=fast_dev_run``: tests/integration/test_train.py::test_fast_dev_run; one CSV folder
     across a resume: tests/integration/test_train.py::test_wandb_offline_run_id_stable,

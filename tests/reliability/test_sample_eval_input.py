@@ -133,6 +133,14 @@ def test_eval_uses_the_data_the_checkpoint_was_trained_on(
     # What was printed is in evaluate.log too.
     log = (tmp_path / "eval" / "evaluate.log").read_text()
     assert "val/bpd:" in log and "results written to" in log
+    # The same job again into the same folder: the first results are kept, not overwritten.
+    first = (tmp_path / "eval" / "eval.json").read_bytes()
+    again = run_cli("evaluate", "ckpt_path=run/checkpoints/last.ckpt", *QUIET,
+                    "fid.enabled=false", "bpd.seed=1", f"hydra.run.dir={tmp_path / 'eval'}",
+                    cwd=run_root)
+    assert again.code == 0, again.err[-3000:]
+    assert (tmp_path / "eval" / "eval.1.json").read_bytes() == first
+    assert "kept as" in again.out and (tmp_path / "eval" / "eval.json").read_bytes() != first
 
 
 # ----------------------------------------------------------------------------- item 5
