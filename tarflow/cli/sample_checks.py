@@ -63,7 +63,26 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
                              f"{model.num_classes - 1}")
     check_out_dir(Path(cfg.out_dir), if_exists=str(cfg.get("if_exists", "refuse")),
                   first=first, count=n, job=sample_job(cfg, summary.path))
+    probe_from_record(cfg, summary)
     return summary
+
+
+def probe_from_record(cfg: DictConfig, summary: CheckpointSummary) -> None:
+    """``probe.dataset: null`` ranks the blocks on the data the checkpoint records it was
+    trained on (as validation did), when that data is here: in memory (demo, fake) or under a
+    root that exists. Otherwise the probe stays null and the model's own sequential samples
+    are the probe, which costs a sequential sampling pass."""
+    recorded, probe = summary.data, cfg.get("probe")
+    if probe is None or probe.get("dataset") or not recorded or not recorded.get("name"):
+        return
+    root = recorded.get("root")
+    if root is not None and not Path(str(root)).exists():
+        return
+    with open_dict(probe):
+        probe.dataset = recorded["name"]
+        probe.root = root if probe.get("root") is None else probe.root
+        if not probe.get("dataset_kwargs"):
+            probe.dataset_kwargs = dict(recorded.get("dataset_kwargs") or {})
 
 
 def sample_job(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:

@@ -143,6 +143,18 @@ def test_eval_uses_the_data_the_checkpoint_was_trained_on(
     assert "kept as" in again.out and (tmp_path / "eval" / "eval.json").read_bytes() != first
 
 
+def test_sample_probe_defaults_to_the_checkpoints_training_data(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    """No probe.dataset: the CRM/IGM ranking of ``schedule: auto`` uses the data the
+    checkpoint records (fake 8x8 images), not a sequential pass over the model's own samples."""
+    result = run_cli("sample", f"ckpt_path={files['uncond']}", *QUIET, "num_samples=2",
+                     "format=npz", "sampler=gs_jacobi_auto", "sampler.schedule=auto:paper",
+                     "probe.size=8", f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.code == 0, result.err[-3000:]
+    assert "ranked on 8 fake images" in result.out, result.out
+
+
 # ----------------------------------------------------------------------------- item 5
 @pytest.fixture(scope="module")
 def sample_folder(files: dict[str, Path]) -> Path:
