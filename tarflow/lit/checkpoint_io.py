@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 # Temporary files start with a dot and end in ".tmp", so Lightning's "last*.ckpt" / "*.ckpt"
@@ -129,3 +130,44 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         local = os.fspath(path).removeprefix("file://")
         atomic_torch_save(checkpoint, local)
+
+
+def _rerooted(state: dict[str, Any], old: str, new: str) -> dict[str, Any] | None:
+    """``state`` with every recorded path under ``old`` re-rooted under ``new``; None unless each
+    such file exists there (then the run was not moved whole and nothing is re-rooted)."""
+    missing = []
+
+    def move(value):
+        if isinstance(value, str) and value.startswith(old + os.sep):
+            moved = new + value[len(old):]
+            if not os.path.exists(moved):
+                missing.append(moved)
+            return moved
+        if isinstance(value, dict):
+            return {move(k): v for k, v in value.items()}
+        return value
+
+    moved = {k: move(v) for k, v in state.items() if k != "dirpath"}
+    return None if missing else {**moved, "dirpath": new}
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint`` that follows its run directory when the run was moved or
+    copied whole (another disk, a scratch directory, a colleague's folder).
+
+    Lightning restores its bookkeeping (``last_model_path``, the top-k files and scores) only
+    when the checkpoint's ``dirpath`` is the current one; resuming a moved run therefore forgot
+    that ``last.ckpt`` was its own and wrote ``last-v1.ckpt`` beside it, so the README's resume
+    command (``ckpt_path=.../last.ckpt``) would next resume from the stale file, and the old best
+    checkpoint was never replaced. Here the recorded paths are re-rooted under the new
+    ``dirpath`` when every one of those files is there, and the bookkeeping is restored as for
+    an unmoved run. Otherwise (a checkpoint resumed into another run's directory) Lightning's
+    own rule applies, so top-k never deletes files of the run the checkpoint came from.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and os.path.realpath(old) != os.path.realpath(new):
+            state_dict = _rerooted(state_dict, os.path.normpath(old),
+                                   os.path.normpath(new)) or state_dict
+        super().load_state_dict(state_dict)

@@ -65,7 +65,8 @@ Issue 14, "runs are safe to repeat and to get wrong" (``ti`` = tr/test_sample_ev
    ``ta::refused[model-mismatch]``; a new run aimed at an existing run:
    ``ta::refused[new-run-into-a-run]``
 3. A resume keeps the run's config (restored overrides, new ones on top, warning, numbered
-   records): ``ta::test_resume_restores_the_runs_own_config_and_keeps_its_records``
+   records): ``ta::test_resume_restores_the_runs_own_config_and_keeps_its_records``; a moved
+   run resumes into its own last.ckpt: ``ta::test_a_moved_run_resumes_into_its_own_checkpoints``
 4. ``init_from`` (official .pth, a .ckpt's EMA weights):
    ``ta::test_init_from_starts_a_new_run_from_weights``; ``ckpt_path`` refuses bare weights:
    ``ta::refused[weights-as-ckpt-path]``; bad sources: ``ta::refused[garbage-init-from]``,

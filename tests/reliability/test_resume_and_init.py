@@ -33,8 +33,7 @@ def _resume_args(run: Path, *extra: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- item 3
 def test_resume_restores_the_runs_own_config_and_keeps_its_records(tmp_path: Path) -> None:
-    # Its own run rather than a copy of tiny_run: Lightning writes last-v1.ckpt into a moved
-    # run directory instead of replacing last.ckpt.
+    # Its own run, resumed where it was made (a moved run: the test after this one).
     first = train_overrides(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2")
     started = run_cli("train", *first, cwd=tmp_path)
     assert started.code == 0, started.err[-3000:]
@@ -66,6 +65,25 @@ def test_resume_restores_the_runs_own_config_and_keeps_its_records(tmp_path: Pat
     assert log.count("finished in") == 2
     # One CSV folder across the resume.
     assert [p.name for p in (run / "csv").iterdir()] == ["version_0"]
+
+
+def test_a_moved_run_resumes_into_its_own_checkpoints(tiny_run: Path, tmp_path: Path) -> None:
+    """A run copied elsewhere and resumed there replaces its own last.ckpt and best checkpoint
+    (Lightning alone wrote last-v1.ckpt beside a stale last.ckpt and kept both best files)."""
+    run = tmp_path / "moved"
+    shutil.copytree(tiny_run, run, symlinks=True)
+    before = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    result = run_cli("train", *_resume_args(run, f"trainer.max_epochs={before['epoch'] + 2}"),
+                     cwd=tmp_path)
+    assert result.code == 0, result.err[-3000:]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in names and not any("-v" in n for n in names), names
+    assert len([n for n in names if n.startswith("epoch")]) == 1, names  # save_top_k: 1
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] > before["global_step"]
+    # The run it was copied from is untouched.
+    source = torch.load(tiny_run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert source["global_step"] == before["global_step"]
 
 
 # ----------------------------------------------------------------------------- item 2
