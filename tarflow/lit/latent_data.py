@@ -59,7 +59,9 @@ class LatentDataModule(TarFlowDataModule):
     def _build(self, split: str, extra: dict[str, Any]) -> Dataset:
         if self.on_the_fly:
             return super()._build(split, extra)  # images; the module's space encodes them
-        ds = LatentDataset(self.latents, split, flip=self.flip, random=split == "train")
+        # tarflow-encode names its splits train and val, whatever data.val_split reads.
+        ds = LatentDataset(self.latents, "train" if split == "train" else "val",
+                           flip=self.flip, random=split == "train")
         identity = (None if self.autoencoder is None
                     else resolve_autoencoder(self.autoencoder).identity())
         check_manifest(ds.manifest, autoencoder=identity, where=self.latents,
@@ -80,14 +82,11 @@ class LatentDataModule(TarFlowDataModule):
         return ds
 
     def image_set(self, split: str) -> Dataset:
-        """The real images of ``split`` (no flip): the FID reference and probe source."""
-        if self.on_the_fly:
-            if self.train_set is None or self.val_set is None:
-                self.setup("fit")
-            return self.train_set if split == "train" else self.val_set
+        """The real images of ``split`` ("train" or "val"), never flipped: the FID reference."""
         if split not in self._images:
             extra = self.train_kwargs if split == "train" else self.val_kwargs
             self._images[split] = build_dataset(
-                self.name, root=self.root, img_size=self.img_size, split=split,
-                channels=self.channels, flip=False, **extra)
+                self.name, root=self.root, img_size=self.img_size,
+                split=self.val_split if split == "val" else split, channels=self.channels,
+                flip=False, **extra)
         return self._images[split]
