@@ -157,3 +157,32 @@ def test_two_processes_share_the_shards_and_write_what_one_would(
         assert torch.equal(a[name]["labels"], b[name]["labels"])
     one, two = read_manifest(single), read_manifest(double)
     assert one["splits"] == two["splits"] and one["autoencoder"] == two["autoencoder"]
+
+
+def test_encodes_the_imagenet_npz_layout_with_both_orientations(tmp_path: Path) -> None:
+    """experiment=imagenet256_latent's encoder on data=imagenet64's official npz files (RGB,
+    flips on), with a random 8x-downsampling autoencoder standing in for Stable Diffusion's."""
+    import numpy as np
+
+    from tarflow.data import write_imagenet_npz
+    from tests.conftest import save_tiny_autoencoder
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "imagenet64"
+    labels = {"train_data_batch_1": rng.integers(0, 1000, 10), "val_data": rng.integers(0, 1000, 4)}
+    for name, y in labels.items():
+        write_imagenet_npz(root / name, rng.integers(0, 256, (len(y), 16, 16, 3), np.uint8), y)
+    rgb = save_tiny_autoencoder(tmp_path / "rgb8", image_channels=3, widths=(8, 8, 8, 8))
+    out = tmp_path / "latents"
+    manifest = encode.run(compose_encode([
+        f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'logs'}",
+        "experiment=imagenet256_latent", "data=imagenet64", f"data.root={root}",
+        "data.img_size=16", "data.latent_size=2", "data.num_workers=0",
+        f"model.autoencoder.path={rgb}", f"data.latents={out}", "encode.progress=false"]))
+    assert manifest["source"]["name"] == "imagenet64" and manifest["flip"] == "both"
+    assert manifest["latent_shape"] == [4, 2, 2]
+    assert (manifest["splits"]["train"]["count"], manifest["splits"]["val"]["count"]) == (10, 4)
+    train = torch.load(out / shard_name("train", 0), weights_only=True)
+    assert train["latents"].shape == (10, 2, 4, 2, 2)  # the image and its mirror
+    assert train["labels"].tolist() == labels["train_data_batch_1"].tolist()
+    assert [int(y) for _, y in LatentDataset(out, "val")] == labels["val_data"].tolist()
