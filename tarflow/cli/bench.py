@@ -1,4 +1,9 @@
-"""tarflow-bench: sequential vs Jacobi vs GS-Jacobi on the same weights, noise, labels and batch."""
+"""tarflow-bench: sequential vs Jacobi vs GS-Jacobi on the same weights, noise, labels and batch.
+
+A latent model (its checkpoint records an autoencoder) is timed in latent space, as it samples;
+decoding the latents to images is timed on its own and printed after the tables (it is the same
+for every sampler, and does not belong in their speed-ups).
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,15 @@ from dataclasses import replace
 
 import torch
 
-from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
-from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table
+from tarflow.cli.common import (
+    add_data_args,
+    add_model_args,
+    fail,
+    load_model,
+    load_space,
+    probe_images,
+)
+from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.sampling import (
     PlanCache,
@@ -78,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_methods(args, model) -> tuple[dict[str, Method], str]:
+def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
     methods, note = {}, ""
     ranking = None
     for spec in args.methods:
@@ -99,7 +111,7 @@ def resolve_methods(args, model) -> tuple[dict[str, Method], str]:
             continue
         if m in ("auto", "auto:paper", "auto:tuned"):
             if ranking is None:
-                images, where = probe_images(args, model)
+                images, where = probe_images(args, model, space)
                 ranking = rank_blocks(model, images)
                 note = f"CRM/IGM ranking on {where}"
             paper = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol)
@@ -145,14 +157,15 @@ def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int,
     return out
 
 
-def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
-    """FID@N of each method (and sequential) on identical per-sample-seeded noise and labels."""
+def fid_per_method(args, model, methods: dict[str, Method], space) -> dict[str, float]:
+    """FID@N of each method (and sequential) on identical per-sample-seeded noise and labels
+    (a latent model's samples decoded first)."""
     from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance, load_reference
 
     if not args.fid_stats:
         fail("--fid needs --fid-stats (reference statistics of the data)")
     try:
-        reference = load_reference(args.fid_stats, expect={"img_size": model.config.img_size})
+        reference = load_reference(args.fid_stats, expect={"img_size": space.image_shape[1]})
         extractor = InceptionFeatures(args.inception_weights)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
@@ -177,7 +190,7 @@ def fid_per_method(args, model, methods: dict[str, Method]) -> dict[str, float]:
                                    guidance=args.guidance, attn_temp=args.attn_temp,
                                    annealed=args.annealed, guidance_rule=args.guidance_rule,
                                    denoise=args.denoise)
-            stats.update(extractor(images.float().clamp(-1, 1)))
+            stats.update(extractor(space.decode(images).float().clamp(-1, 1)))
         mu, sigma = stats.mean_cov()
         out[name] = frechet_distance(mu, sigma, mu_r, sigma_r)
     return out
@@ -200,15 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args)
-    methods, (note, ranking) = resolve_methods(args, model)
+    space = load_space(args, model)
+    methods, (note, ranking) = resolve_methods(args, model, space)
     cfg = model.config
+    if space.latent:
+        print(f"latent model: {space.describe()}; sampling is timed in latent space, "
+              f"decoding separately")
     print(f"model {cfg.tag} img {cfg.img_size} N={cfg.num_patches} classes {cfg.num_classes}; "
           f"device {args.device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), dtype {args.dtype}; tol {args.tol}; "
           f"median of {args.repeats} after {args.warmup} warm-up")
     if note:
         print(note)
-    all_rows = []
+    all_rows, decode = [], []
     fid_methods = methods
     compiled = None
     if args.compile:
@@ -232,8 +249,10 @@ def main(argv: list[str] | None = None) -> int:
                          concat_baseline=args.concat_baseline, **knobs)
         print(format_table(rows))
         all_rows += rows
+        if space.latent:
+            decode.append(decode_cost(space, rows[0], noise, model, args))
     if args.fid:
-        fids = fid_per_method(args, model, fid_methods)
+        fids = fid_per_method(args, model, fid_methods, space)
         for r in all_rows:
             # The torch.cat loop produces the sequential loop's images bit for bit.
             r.fid = fids.get("sequential" if r.method == "sequential_cat" else r.method)
@@ -242,11 +261,26 @@ def main(argv: list[str] | None = None) -> int:
         for name, value in fids.items():
             print(f"  {name}: {value:.3f} ({100 * (value / fids['sequential'] - 1):+.2f}% vs "
                   f"sequential)")
+    for d in decode:
+        print(f"decode (autoencoder, not in the times above): batch {d['batch']}: "
+              f"{d['seconds'] * 1e3:.1f} ms ({d['seconds_per_image'] * 1e3:.2f} ms/image, "
+              f"{d['vs_sequential']:.2f}x the sequential sampler's time)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": [r.to_dict() for r in all_rows]}, f,
-                      indent=2)
+            json.dump({"args": vars(args), "rows": [r.to_dict() for r in all_rows],
+                       **({"decode": decode} if decode else {})}, f, indent=2)
     return 0
+
+
+def decode_cost(space, sequential, noise, model, args) -> dict[str, float]:
+    """Median seconds to decode one batch of latents of the sampler's output shape, timed like
+    the samplers: what a latent model adds per batch on top of any sampler."""
+    latents = model.unpatchify(noise)  # (B, c, h, w); decoding costs the same for any values
+    seconds, _ = median_time(lambda: space.decode(latents), repeats=args.repeats,
+                             warmup=max(1, args.warmup), device=noise.device)
+    B = noise.shape[0]
+    return {"batch": B, "seconds": seconds, "seconds_per_image": seconds / B,
+            "vs_sequential": seconds / sequential.seconds}
 
 
 if __name__ == "__main__":

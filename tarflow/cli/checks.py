@@ -30,6 +30,7 @@ from tarflow.model import (
     describe_checkpoint,
     weights_mismatch,
 )
+from tarflow.model.autoencoder import AutoencoderRecord, resolve_autoencoder
 from tarflow.model.checkpoint import read_file, split_checkpoint
 from tarflow.model.sharded import is_sharded_checkpoint
 
@@ -50,6 +51,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
         The model's :class:`TarFlowConfig`.
     """
     model = _model_config(cfg)
+    autoencoder = _check_latent(cfg, model)
     if "module" in cfg:
         compile_options(_plain(cfg.module.get("compile")))  # names the bad option itself
     normalise_schedule(cfg.get("sampler"))
@@ -70,7 +72,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
                          "exclude each other; give one")
     fsdp = _check_strategy(cfg)
     if ckpt is not None:
-        _check_resume(ckpt, model, fsdp)
+        _check_resume(ckpt, model, fsdp, autoencoder)
     if init is not None:
         _check_init_from(init, model)
     if not is_secondary_process():  # other ranks start after the first one wrote its files
@@ -107,14 +109,50 @@ def _check_strategy(cfg: DictConfig) -> bool:
     return True
 
 
+def _model_node(cfg: DictConfig) -> DictConfig:
+    return cfg.module.model if "module" in cfg and "model" in cfg.module else cfg.model
+
+
 def _model_config(cfg: DictConfig) -> TarFlowConfig:
-    node = cfg.module.model if "module" in cfg and "model" in cfg.module else cfg.model
-    fields = _plain(node)
+    fields = dict(_plain(_model_node(cfg)))
+    fields.pop("autoencoder", None)  # a latent model's autoencoder: checked by _check_latent
     known = {f.name for f in dataclasses.fields(TarFlowConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"unknown model field(s) {unknown}; TarFlowConfig has {sorted(known)}")
     return TarFlowConfig(**fields)  # raises a ValueError naming e.g. img_size and patch_size
+
+
+def _check_latent(cfg: DictConfig, model: TarFlowConfig) -> AutoencoderRecord | None:
+    """A latent model's autoencoder must exist and fit the model and the data; its metrics
+    are not the pixel ones a checkpoint callback might monitor. Returns its record."""
+    spec = _plain(_model_node(cfg).get("autoencoder"))
+    data = cfg.get("data") or {}
+    if spec is None:
+        if data.get("latent_size") is not None:
+            raise ValueError("the data config is a latent one (data.latent_size is set) but "
+                             "model.autoencoder is null: choose a latent model config")
+        return None
+    record = resolve_autoencoder(spec)  # names a missing path and how to get the weights
+    if model.in_channels != record.latent_channels:
+        raise ValueError(f"model.in_channels={model.in_channels} but the autoencoder's latents "
+                         f"have {record.latent_channels} channels (set data.latent_channels="
+                         f"{record.latent_channels})")
+    side = data.get("img_size")
+    if side is not None and int(side) != model.img_size * record.downsample:
+        raise ValueError(f"data.img_size={side} but the model's latents are {model.img_size} "
+                         f"wide and the autoencoder downsamples by {record.downsample}; set "
+                         f"data.latent_size={int(side) // record.downsample}")
+    if data.get("channels") is not None and int(data.channels) != record.image_channels:
+        raise ValueError(f"data.channels={data.channels} but the autoencoder takes "
+                         f"{record.image_channels}-channel images")
+    for name, node in (cfg.get("callbacks") or {}).items():
+        monitor = node.get("monitor") if isinstance(node, DictConfig) else None
+        if monitor in ("val/nll", "val/bpd"):
+            raise ValueError(f"callbacks.{name}.monitor={monitor}, but a latent model logs "
+                             f"val/latent_nll instead (nats per latent dimension); set "
+                             f"callbacks.{name}.monitor=val/latent_nll")
+    return record
 
 
 def _sampling_callback_node(cfg: DictConfig) -> DictConfig | None:
@@ -236,9 +274,11 @@ def checkpoint_file(key: str, value: Any, hint: str) -> Path:
     return path
 
 
-def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool) -> None:
-    """``ckpt_path`` must be a Lightning checkpoint of this very architecture; a sharded one
-    resumes under FSDP only (no other strategy reads a directory)."""
+def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool,
+                  autoencoder: AutoencoderRecord | None = None) -> None:
+    """``ckpt_path`` must be a Lightning checkpoint of this very architecture (and, for a
+    latent model, of the same autoencoder); a sharded one resumes under FSDP only (no other
+    strategy reads a directory)."""
     if str(ckpt) in _LIGHTNING_CKPT_NAMES or "://" in str(ckpt):
         return
     path = checkpoint_file("ckpt_path", ckpt,
@@ -254,6 +294,11 @@ def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool) -> None:
             f".pth or a .pt file); start a new run from its weights with init_from={path}"
         )
     different = _config_differences(summary, model)
+    theirs = summary.autoencoder and AutoencoderRecord.from_dict(summary.autoencoder).identity()
+    ours = autoencoder and autoencoder.identity()
+    if theirs != ours:
+        different.append(f"model.autoencoder: {_describe_ae(autoencoder)} (checkpoint: "
+                         f"{_describe_ae(summary.autoencoder)})")
     if different:
         raise ValueError(
             f"ckpt_path {path} does not fit this run's model: {', '.join(different)}; resume "
@@ -266,6 +311,14 @@ def _config_differences(summary: CheckpointSummary, model: TarFlowConfig) -> lis
     theirs, ours = summary.config.to_dict(), model.to_dict()
     return [f"model.{key}={ours[key]} (checkpoint: {theirs[key]})"
             for key in ours if key in theirs and theirs[key] != ours[key]]
+
+
+def _describe_ae(record: AutoencoderRecord | dict | None) -> str:
+    if record is None:
+        return "none (pixels)"
+    record = record if isinstance(record, AutoencoderRecord) else AutoencoderRecord.from_dict(
+        record)
+    return f"{record.path} (fingerprint {record.fingerprint}, scale {record.scaling_factor:g})"
 
 
 def _check_init_from(init: Any, model: TarFlowConfig) -> None:

@@ -7,7 +7,9 @@ import argparse
 import torch
 
 from tarflow.cli.errors import fail
-from tarflow.model import CheckpointError, TarFlow, preset
+from tarflow.model import CheckpointError, TarFlow, describe_checkpoint, preset
+from tarflow.model.autoencoder import AutoencoderError, locate
+from tarflow.model.space import PixelSpace, make_space
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autoencoder-path", help="latent models: a copy of the checkpoint's "
+                        "autoencoder where its recorded path is not on this machine")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -53,20 +57,38 @@ def load_model(args: argparse.Namespace) -> TarFlow:
     return model.to(device=args.device, dtype=dtype).eval()
 
 
-def probe_images(args: argparse.Namespace, model: TarFlow) -> tuple[torch.Tensor, str]:
-    """(M, C, H, W) images for CRM/IGM and a word on where they came from."""
-    cfg = model.config
+def load_space(args: argparse.Namespace, model: TarFlow) -> PixelSpace:
+    """Pixels, or the autoencoder a latent checkpoint records (``--autoencoder-path``: a copy
+    of it), checked to be on this machine now rather than at the first decode."""
+    if not args.checkpoint or args.preset:
+        return PixelSpace(model.config)
+    try:
+        space = make_space(model.config, describe_checkpoint(args.checkpoint).autoencoder,
+                           path=args.autoencoder_path)
+        if space.latent:
+            locate(space.record, args.autoencoder_path, key="--autoencoder-path")
+    except (AutoencoderError, CheckpointError) as err:
+        fail(str(err))
+    return space.to(args.device)
+
+
+def probe_images(args: argparse.Namespace, model: TarFlow,
+                 space: PixelSpace | None = None) -> tuple[torch.Tensor, str]:
+    """(M, C, H, W) flow inputs for CRM/IGM (a latent model's: encoded images) and a word on
+    where they came from."""
+    space = space or PixelSpace(model.config)
     if args.data:
         from tarflow.data import build_dataset
 
+        channels, side, _ = space.image_shape
         try:
-            ds = build_dataset(args.data, root=args.root, img_size=cfg.img_size,
-                               split="train", channels=cfg.in_channels, flip=False)
+            ds = build_dataset(args.data, root=args.root, img_size=side,
+                               split="train", channels=channels, flip=False)
         except (ValueError, FileNotFoundError) as err:
             fail(str(err))
         g = torch.Generator().manual_seed(args.seed)
         idx = torch.randperm(len(ds), generator=g)[: args.probe].tolist()
-        images = torch.stack([ds[i][0] for i in idx])
+        images = space.flow_inputs(torch.stack([ds[i][0] for i in idx]).to(args.device))
         where = f"{len(idx)} {args.data} images"
     else:
         g = torch.Generator(device=args.device).manual_seed(args.seed)

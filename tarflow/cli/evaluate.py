@@ -14,6 +14,11 @@ printed, logged to ``evaluate.log`` and written to ``<out_dir>/eval.json``; the 
 :func:`main` is ``fid.optimized`` (FID by default), so a sweeper can minimise it, and a
 ``--multirun`` sweep ends with a table of all jobs (:mod:`tarflow.cli.sweep_summary`).
 
+Latent models (a checkpoint that records an autoencoder): the likelihood pass reports
+``val/latent_nll`` (the training objective per latent dimension, on the encoded split with the
+model's latent noise; there are no pixel bits per dimension), and FID decodes the samples before
+the feature extractor, against the reference statistics of the real images.
+
 The data defaults to what the checkpoint records it was trained on, and
 :func:`~tarflow.cli.sample_checks.check_eval_config` refuses a config that cannot work (the
 sampler, counts, device, a dataset other than the recorded one) before the first image is read.
@@ -25,6 +30,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,48 +42,92 @@ from omegaconf import DictConfig, OmegaConf
 from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records, write_keeping_previous
-from tarflow.cli.sample import CONFIG_DIR, load_network, progress_bar, resolve_schedule, summary_of
+from tarflow.cli.sample import (
+    CONFIG_DIR,
+    load_network,
+    load_space,
+    progress_bar,
+    resolve_schedule,
+    summary_of,
+)
 from tarflow.cli.sample_checks import check_eval_config, fid_stats_path
-from tarflow.data import build_dataset, uniform_dequantize
+from tarflow.data import build_dataset, gaussian_noise, uniform_dequantize
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
 from tarflow.lit.callbacks.reference import reference_provenance, reference_stats, stack_items
 from tarflow.lit.callbacks.sample_set import IterationTally, sample_batches
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.model import TarFlow
+from tarflow.model.space import PixelSpace
 
 log = logging.getLogger(__name__)
 
 
-def _dataset(net: TarFlow, data: dict[str, Any], split: str):
-    cfg = net.config
-    return build_dataset(data["name"], root=data.get("root"), img_size=cfg.img_size, split=split,
-                         channels=cfg.in_channels, flip=False,
-                         **(data.get("dataset_kwargs") or {}))
+def _dataset(space: PixelSpace, data: dict[str, Any], split: str):
+    """The images of a split at the checkpoint's image size (a latent model's: decoded)."""
+    channels, side, _ = space.image_shape
+    return build_dataset(data["name"], root=data.get("root"), img_size=side, split=split,
+                         channels=channels, flip=False, **(data.get("dataset_kwargs") or {}))
+
+
+def _mean_over(dataset, score, *, batch_size: int, max_images: int | None, progress: bool,
+               desc: str) -> tuple[float, int, float]:
+    """(mean of ``score(x, y, start)`` over the first ``max_images`` items, items, seconds)."""
+    count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    total, seen = 0.0, 0
+    t0 = time.perf_counter()
+    starts = range(0, count, batch_size)
+    for start in progress_bar(starts, len(starts), progress, desc):
+        x, y = stack_items(dataset, range(start, min(start + batch_size, count)))
+        values = score(x, y, start)  # (B,)
+        total += float(values.double().sum())
+        seen += values.shape[0]
+    return total / max(seen, 1), seen, time.perf_counter() - t0
+
+
+def _per_image(x: torch.Tensor, seed: int, start: int, noise) -> torch.Tensor:
+    """``noise(x_j, generator)`` for each image j of a batch, its CPU generator seeded
+    ``seed + start + j``: the result depends on neither the device nor the batch size."""
+    gens = [torch.Generator().manual_seed(seed + start + j) for j in range(x.shape[0])]
+    return torch.cat([noise(x[j:j + 1], g) for j, g in enumerate(gens)])
 
 
 @torch.no_grad()
 def bits_per_dim(net: TarFlow, dataset, *, batch_size: int, max_images: int | None = None,
                  seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Mean bits/dim over (the first ``max_images`` of) a dataset, uniform dequantisation.
-
-    Image j's dequantisation noise comes from a CPU generator seeded ``seed + j``, so the
-    number depends on neither the device nor the batch size.
-    """
-    count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
+    """Mean bits/dim over (the first ``max_images`` of) a dataset, uniform dequantisation
+    (image j's noise from a CPU generator seeded ``seed + j``)."""
     param = next(net.parameters())
-    total, seen = 0.0, 0
-    t0 = time.perf_counter()
-    starts = range(0, count, batch_size)
-    for start in progress_bar(starts, len(starts), progress, "bpd"):
-        x, y = stack_items(dataset, range(start, min(start + batch_size, count)))
-        gens = [torch.Generator().manual_seed(seed + start + j) for j in range(x.shape[0])]
-        x = torch.cat([uniform_dequantize(x[j:j + 1], g) for j, g in enumerate(gens)])
+
+    def score(x, y, start):
+        x = _per_image(x, seed, start, uniform_dequantize)
         labels = y.to(param.device) if net.config.conditional else None
-        bpd = net.bits_per_dim(x.to(param.device, param.dtype), labels)  # (B,)
-        total += float(bpd.double().sum())
-        seen += x.shape[0]
-    return {"val/bpd": total / max(seen, 1), "bpd_images": seen,
-            "bpd_seconds": time.perf_counter() - t0}
+        return net.bits_per_dim(x.to(param.device, param.dtype), labels)
+
+    mean, seen, seconds = _mean_over(dataset, score, batch_size=batch_size,
+                                     max_images=max_images, progress=progress, desc="bpd")
+    return {"val/bpd": mean, "bpd_images": seen, "bpd_seconds": seconds}
+
+
+@torch.no_grad()
+def latent_nll(net: TarFlow, space: PixelSpace, dataset, *, batch_size: int,
+               max_images: int | None = None, seed: int = 0,
+               progress: bool = False) -> dict[str, float]:
+    """Mean ``val/latent_nll`` of a latent model: images encoded by its autoencoder, plus the
+    training noise sigma in latent space (image j's noise seeded ``seed + j``), scored by the
+    flow in nats per latent dimension (the training objective)."""
+    param = next(net.parameters())
+    sigma = float(net.config.noise_std)
+
+    def score(x, y, start):
+        z = space.flow_inputs(x.to(param.device)).float().cpu()  # (B, c, h, w)
+        z = _per_image(z, seed, start, lambda zj, g: gaussian_noise(zj, sigma, g))
+        labels = y.to(param.device) if net.config.conditional else None
+        return net.nll(z.to(param.device, param.dtype), labels)
+
+    mean, seen, seconds = _mean_over(dataset, score, batch_size=batch_size,
+                                     max_images=max_images, progress=progress,
+                                     desc="latent nll")
+    return {"val/latent_nll": mean, "latent_nll_images": seen, "latent_nll_seconds": seconds}
 
 
 def _extractor(fid: dict[str, Any], device: torch.device):
@@ -93,20 +143,22 @@ def _extractor(fid: dict[str, Any], device: torch.device):
 
 @torch.no_grad()
 def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str, Any],
-             progress: bool = False) -> dict[str, Any]:
-    """Sample the fixed set of ``fid.num_samples`` images with ``cfg.sampler`` and score it."""
+             progress: bool = False, space: PixelSpace | None = None) -> dict[str, Any]:
+    """Sample the fixed set of ``fid.num_samples`` images with ``cfg.sampler`` and score it
+    (a latent model's samples decoded by ``space`` first)."""
+    space = space or PixelSpace(net.config)
     settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     probe = {"dataset": data["name"], "root": data.get("root"),
              "dataset_kwargs": data.get("dataset_kwargs"),
              **OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)}
     n, batch = int(fid["num_samples"]), int(fid.get("batch_size") or 64)
     schedule, plan = resolve_schedule(settings, net, probe, batch_size=min(batch, n),
-                                      plan_cache=cfg.paths.get("plan_cache"))
+                                      plan_cache=cfg.paths.get("plan_cache"), space=space)
     device = next(net.parameters()).device
     extractor = _extractor(fid, device)
     ref_split = fid.get("reference_split") or "train"
-    ref_ds = _dataset(net, data, ref_split)
-    stats_path = fid_stats_path(cfg, net.config)
+    ref_ds = _dataset(space, data, ref_split)
+    stats_path = fid_stats_path(cfg, space.image_shape)
     t0 = time.perf_counter()
     reference = reference_stats(stats_path, ref_ds, extractor, split=ref_split,
                                 count=int(fid.get("reference_size") or 500),
@@ -116,20 +168,24 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     ref_seconds = time.perf_counter() - t0
     tally = IterationTally(net.config.num_blocks)
     features = FeatureStats()
-    feature_seconds = 0.0
+    feature_seconds = decode_seconds = 0.0
     batches = sample_batches(net, range(n), schedule, seed=int(fid.get("seed") or 0),
                              batch_size=batch, knobs=settings.knobs)
     for b in progress_bar(batches, math.ceil(n / batch), progress, f"FID@{n}"):
         tally.add(b)
         t1 = time.perf_counter()
-        features.update(extractor(b.images.float()))
-        feature_seconds += time.perf_counter() - t1
+        images = space.decode(b.images).float()  # latent models: decoded, in chunks
+        t2 = time.perf_counter()
+        features.update(extractor(images))
+        decode_seconds += t2 - t1
+        feature_seconds += time.perf_counter() - t2
     mu, sigma = features.mean_cov()
     ref_mu, ref_sigma = reference.mean_cov()
     return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
             **summary_of(settings, schedule, tally, plan), "fid_stats_path": stats_path,
             "fid_reference": reference_provenance(reference),
-            "reference_seconds": ref_seconds, "feature_seconds": feature_seconds}
+            "reference_seconds": ref_seconds, "feature_seconds": feature_seconds,
+            **({"decode_seconds": decode_seconds} if space.latent else {})}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -137,23 +193,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checked = check_eval_config(cfg)  # also fills in cfg.data from the checkpoint's record
     save_records(cfg)
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
+    space = load_space(checked, net, cfg.get("autoencoder_path")).to(next(net.parameters()).device)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     progress = bool(cfg.get("progress", True))
     results: dict[str, Any] = {"checkpoint": str(checked.path.resolve()),
                                "model": net.config.tag,
                                "data": {k: data.get(k) for k in ("name", "root", "split")},
                                "overrides": _task_overrides()}
-    if cfg.bpd.enabled:
-        ds = _dataset(net, data, data.get("split") or "val")
-        results.update(bits_per_dim(net, ds, batch_size=int(data.get("batch_size") or 256),
-                                    max_images=data.get("max_images"),
-                                    seed=int(cfg.bpd.get("seed") or 0), progress=progress))
+    if space.latent:
+        results["autoencoder"] = space.record.to_dict()
+    if cfg.bpd.enabled:  # the likelihood pass: pixel bits/dim, or a latent model's latent NLL
+        ds = _dataset(space, data, data.get("split") or "val")
+        score = partial(latent_nll, net, space) if space.latent else partial(bits_per_dim, net)
+        results.update(score(ds, batch_size=int(data.get("batch_size") or 256),
+                             max_images=data.get("max_images"),
+                             seed=int(cfg.bpd.get("seed") or 0), progress=progress))
     if cfg.fid.enabled:
         # instantiate() turns an `extractor: {_target_: ...}` node into the object (tests use a
         # small seeded conv net); everything else stays plain.
         fid = OmegaConf.to_container(cfg.fid, resolve=True)
         fid["extractor"] = instantiate(cfg.fid.extractor) if cfg.fid.get("extractor") else None
-        results.update(fid_at_n(net, cfg, data, fid, progress))
+        results.update(fid_at_n(net, cfg, data, fid, progress, space))
     out = Path(cfg.out_dir)
     kept = write_keeping_previous(out / "eval.json", json.dumps(results, indent=2, default=str))
     if kept is not None:

@@ -96,6 +96,8 @@ def _record(args: argparse.Namespace, obj: dict, config: Any, which: str | None,
         "global_step": obj.get("global_step"),
         "run_id": meta.get("run_id"),
         "data": meta.get("data"),
+        # A latent model's flow is exported alone; these latents need this autoencoder.
+        "autoencoder": meta.get("autoencoder"),
     }
 
 

@@ -13,6 +13,11 @@ by default): ``samples/<i>.png`` (PNG), ``samples.npz`` with ``arr_0`` (N, H, W,
 layout common FID tools read), ``labels`` and ``indices`` (NPZ), ``grid.png`` and
 ``sample_summary.json`` (timing, iterations per block, schedule, and what defines the set).
 
+Latent models (a checkpoint that records an autoencoder) are sampled in latent space and decoded
+to images transparently, in chunks; the timing covers the sampler only, and the summary gives the
+decoding time separately. ``autoencoder_path=`` points at a copy of the recorded autoencoder on a
+machine where its recorded path does not exist (its weights fingerprint must match).
+
 Before any work :func:`~tarflow.cli.sample_checks.check_sample_config` checks the config against
 the checkpoint and the output folder: a folder that already holds samples is refused unless
 ``if_exists=overwrite`` (its sample files are deleted first) or ``if_exists=append`` with
@@ -27,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +52,8 @@ from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.reference import fixed_subset, stack_items
 from tarflow.lit.callbacks.sample_set import IterationTally, fixed_inputs, sample_batches
 from tarflow.lit.callbacks.sampler_config import SamplerSettings, parse_sampler
-from tarflow.model import TarFlow
+from tarflow.model import CheckpointSummary, TarFlow
+from tarflow.model.space import PixelSpace, make_space
 from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
 from tarflow.sampling.plan import device_name
 
@@ -71,22 +78,33 @@ def load_network(ckpt_path: str, device: str | None = "auto",
     return net.to(device=pick_device(device), dtype=getattr(torch, dtype)).eval()
 
 
-def probe_batch(net: TarFlow, probe: dict[str, Any]) -> tuple[torch.Tensor, str]:
-    """(M, C, H, W) images for the CRM/IGM ranking and where they came from.
+def load_space(summary: CheckpointSummary, net: TarFlow,
+               autoencoder_path: str | None = None) -> PixelSpace:
+    """The checkpoint's space: pixels, or its recorded autoencoder (``autoencoder_path``: a
+    copy of it elsewhere), to decode samples and encode probe images."""
+    return make_space(net.config, summary.autoencoder, path=autoencoder_path or None)
 
-    ``probe.dataset`` names a dataset (real images, as the paper does); null falls back to the
-    model's own sequential samples (slower, and only as good as the model).
+
+def probe_batch(net: TarFlow, probe: dict[str, Any],
+                space: PixelSpace | None = None) -> tuple[torch.Tensor, str]:
+    """(M, C, H, W) flow inputs for the CRM/IGM ranking and where they came from.
+
+    ``probe.dataset`` names a dataset (real images, as the paper does; a latent model's
+    ``space`` encodes them); null falls back to the model's own sequential samples (slower,
+    and only as good as the model).
     """
-    cfg = net.config
+    space = space or PixelSpace(net.config)
     size = int(probe.get("size") or 256)
     param = next(net.parameters())
     if probe.get("dataset"):
         from tarflow.data import build_dataset
 
-        ds = build_dataset(probe["dataset"], root=probe.get("root"), img_size=cfg.img_size,
-                           split=probe.get("split") or "train", channels=cfg.in_channels,
+        channels, side, _ = space.image_shape
+        ds = build_dataset(probe["dataset"], root=probe.get("root"), img_size=side,
+                           split=probe.get("split") or "train", channels=channels,
                            flip=False, **(probe.get("dataset_kwargs") or {}))
         images = stack_items(ds, fixed_subset(ds, size, int(probe.get("seed") or 0)))[0]
+        images = space.flow_inputs(images.to(param.device))
         return images.to(param.device, param.dtype), f"{images.shape[0]} {probe['dataset']} images"
     noise, y = fixed_inputs(net, range(size), int(probe.get("seed") or 0))
     images, _ = sample(net, noise, y)
@@ -94,8 +112,8 @@ def probe_batch(net: TarFlow, probe: dict[str, Any]) -> tuple[torch.Tensor, str]
 
 
 def resolve_schedule(settings: SamplerSettings, net: TarFlow, probe: dict[str, Any], *,
-                     batch_size: int, plan_cache: str | None = None
-                     ) -> tuple[SamplingSchedule, Plan | None]:
+                     batch_size: int, plan_cache: str | None = None,
+                     space: PixelSpace | None = None) -> tuple[SamplingSchedule, Plan | None]:
     """The sampler's schedule and, for ``schedule: auto``, the plan behind it (printed).
 
     A plan cached for these weights, device, batch and settings is reused without ranking;
@@ -108,7 +126,7 @@ def resolve_schedule(settings: SamplerSettings, net: TarFlow, probe: dict[str, A
     plan = cache.get(settings.plan_key(net, batch_size)) if settings.is_planned and cache else None
     where = "cached plan"
     if plan is None:
-        images, where = probe_batch(net, probe)
+        images, where = probe_batch(net, probe, space)
         ranking = rank_blocks(net, images)
         schedule, plan = settings.schedule_for(net, ranking, batch_size, cache=cache)
         log.info("CRM/IGM ranking on %s:\n%s", where, ranking_table(ranking, schedule))
@@ -161,11 +179,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     save_records(cfg)
     settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
+    space = load_space(checked, net, cfg.get("autoencoder_path")).to(next(net.parameters()).device)
     probe = OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)
     n, batch = int(cfg.num_samples), int(cfg.batch_size)
     first = int(cfg.get("first_index", 0))
     schedule, plan = resolve_schedule(settings, net, probe, batch_size=min(batch, n),
-                                      plan_cache=cfg.paths.get("plan_cache"))
+                                      plan_cache=cfg.paths.get("plan_cache"), space=space)
     out = Path(cfg.out_dir)
     files = SampleFiles(out, first, n)
     if str(cfg.get("if_exists", "refuse")) == "overwrite" and out.is_dir():
@@ -178,13 +197,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     label = cfg.get("label")
     tally = IterationTally(net.config.num_blocks)
     pixels, labels, grid_images = [], [], []
+    decode_seconds = 0.0
     batches = sample_batches(net, range(first, first + n), schedule, seed=int(cfg.seed),
                              batch_size=batch, knobs=settings.knobs,
                              label=None if label is None else int(label))
     for b in progress_bar(batches, math.ceil(n / batch), bool(cfg.get("progress", True)),
                           "sampling"):
         tally.add(b)
-        uint8 = images_to_uint8(b.images.float().cpu())[:, : net.config.in_channels]
+        t0 = time.perf_counter()
+        images = space.decode(b.images).float().cpu()  # latent models: decoded, in chunks
+        decode_seconds += time.perf_counter() - t0
+        uint8 = images_to_uint8(images)[:, : space.image_shape[0]]
         hwc = uint8.permute(0, 2, 3, 1).numpy()  # (B, C, H, W) -> (B, H, W, C)
         if fmt != "npz":
             for i, img in zip(b.indices, hwc, strict=True):
@@ -194,8 +217,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             labels.append(b.labels.cpu().numpy() if b.labels is not None
                           else np.zeros(len(b.indices), np.int64))
         if sum(x.shape[0] for x in grid_images) < int(cfg.get("grid_size", 64)):
-            grid_images.append(b.images.float().cpu())
+            grid_images.append(images)
     result = summary_of(settings, schedule, tally, plan)
+    if space.latent:
+        result["decode_seconds"] = decode_seconds  # not in "seconds", which times the sampler
+        result["autoencoder"] = space.record.to_dict()
     result["job"] = sample_job(cfg, checked.path)  # an append (if_exists=append) must match
     result["indices"] = [first, first + n - 1]
     result["out_dir"] = str(out)
@@ -208,8 +234,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         image_grid(grid, cfg.get("grid_nrow")).save(files.grid)
         result["grid"] = str(files.grid)
     files.summary.write_text(json.dumps(result, indent=2))
+    decoded = (f"; decoded by the autoencoder in {decode_seconds:.2f} s more"
+               if space.latent else "")
     print(f"{n} samples with {settings.name} ({schedule.describe()}) in {tally.seconds:.2f} s "
-          f"({tally.seconds_per_image * 1e3:.1f} ms/image); iterations per block "
+          f"({tally.seconds_per_image * 1e3:.1f} ms/image){decoded}; iterations per block "
           f"{ {b: round(v, 1) for b, v in tally.mean_iters().items()} }; written to {out}")
     return result
 

@@ -23,7 +23,9 @@ from tarflow.cli.checks import (
     normalise_schedule,
 )
 from tarflow.cli.sample_outputs import check_out_dir
-from tarflow.model import CheckpointSummary, TarFlowConfig, describe_checkpoint
+from tarflow.model import CheckpointSummary, describe_checkpoint
+from tarflow.model.autoencoder import locate, resolve_autoencoder
+from tarflow.model.space import make_space
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = ("float32", "float64", "bfloat16")
@@ -40,6 +42,7 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
     """
     _check_keys(cfg, "sample")
     summary = _checkpoint(cfg)
+    check_autoencoder(summary, cfg.get("autoencoder_path"))
     model = summary.config
     n = _at_least(cfg, "num_samples", 1)
     _at_least(cfg, "batch_size", 1)
@@ -102,6 +105,7 @@ def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
     """
     _check_keys(cfg, "eval")
     summary = _checkpoint(cfg)
+    check_autoencoder(summary, cfg.get("autoencoder_path"))
     if not cfg.bpd.enabled and not cfg.fid.enabled:
         raise ValueError("bpd.enabled and fid.enabled are both false: nothing to evaluate")
     check_device(cfg.get("device"))
@@ -121,15 +125,32 @@ def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
                       guidance_must_work=True)
     resolve_data(cfg, summary)
     if cfg.fid.enabled:
-        model = summary.config
-        check_fid_reference(fid_stats_path(cfg, model), model.img_size, model.in_channels,
+        channels, side, _ = image_shape(summary)
+        check_fid_reference(fid_stats_path(cfg, image_shape(summary)), side, channels,
                             key="fid.stats_path", custom_extractor=bool(cfg.fid.get("extractor")))
     return summary
 
 
-def fid_stats_path(cfg: DictConfig, model: TarFlowConfig) -> str:
-    """``fid.stats_path`` with the checkpoint's ``{img_size}`` and ``{channels}`` filled in."""
-    return str(cfg.fid.stats_path).format(img_size=model.img_size, channels=model.in_channels)
+def image_shape(summary: CheckpointSummary) -> tuple[int, int, int]:
+    """(C, H, W) of the checkpoint's images: a latent model's are its autoencoder's, not its
+    latents' (read from the record; nothing is loaded)."""
+    return make_space(summary.config, summary.autoencoder).image_shape
+
+
+def check_autoencoder(summary: CheckpointSummary, path: str | None) -> None:
+    """A latent checkpoint's autoencoder must be on this machine, at its recorded path or at
+    ``autoencoder_path`` (a copy with the same weights); a pixel checkpoint takes no path."""
+    if summary.autoencoder is None:
+        if path:
+            raise ValueError(f"autoencoder_path={path} but {summary.path} is a pixel model "
+                             f"(it records no autoencoder); drop autoencoder_path")
+        return
+    locate(resolve_autoencoder(summary.autoencoder), path or None)
+
+
+def fid_stats_path(cfg: DictConfig, shape: tuple[int, int, int]) -> str:
+    """``fid.stats_path`` with the checkpoint's image ``{img_size}`` and ``{channels}``."""
+    return str(cfg.fid.stats_path).format(img_size=shape[1], channels=shape[0])
 
 
 def resolve_data(cfg: DictConfig, summary: CheckpointSummary) -> None:

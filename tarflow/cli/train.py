@@ -55,6 +55,7 @@ from tarflow.lit.checkpoint_io import AtomicCheckpointIO
 from tarflow.lit.safe_logging import guard_loggers
 from tarflow.lit.wandb_utils import finish_wandb
 from tarflow.model import TarFlow, load_weights
+from tarflow.model.space import PixelSpace
 from tarflow.sampling import SamplingSchedule, sample
 
 log = logging.getLogger(__name__)
@@ -138,8 +139,11 @@ def write_sample_grid(
     per_class: int = 8,
     max_classes: int = 10,
     seed: int = 0,
+    space: PixelSpace | None = None,
 ) -> Path:
     """Sample a grid (one row per class, ``per_class`` columns) and save it as a PNG.
+
+    A latent model's samples are decoded by its ``space`` (default: pixels) before they are drawn.
 
     Uses the ``sampler`` config's schedule and knobs; an "auto" schedule (which needs a CRM
     ranking) falls back to the exact sequential loop here, and guidance is dropped for an
@@ -162,6 +166,7 @@ def write_sample_grid(
     if not cfg.conditional and knobs["attn_temp"] == 1.0:
         knobs["guidance"] = 0.0  # both branches would be identical: a no-op here, not an error
     images, _ = sample(net, noise, y, schedule, **knobs)
+    images = (space or PixelSpace(cfg)).decode(images)
     path.parent.mkdir(parents=True, exist_ok=True)
     # [-1, 1] -> [0, 1]; clamp because flow samples can overshoot the data range.
     save_image(((images.float() + 1) / 2).clamp(0, 1), path, nrow=per_class, padding=1)
@@ -274,6 +279,7 @@ def _final_samples(
             per_class=int(fs.per_class),
             max_classes=int(fs.max_classes),
             seed=int(fs.seed),
+            space=module.space,
         )
     except Exception as err:  # any failure: the preview is optional
         log.warning(
@@ -326,9 +332,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         result = train(cfg, on_start=lambda: _record_run(cfg, resume))
         print(f"run dir: {result['output_dir']}")
         print(f"last checkpoint: {result['last_ckpt']}")
-        for key in ("val/bpd", "val/nll", "train/loss"):
-            if key in result["metrics"]:
-                print(f"{key}: {result['metrics'][key]:.4f}")
+        metrics = result["metrics"]
+        for key in ("val/bpd", "val/nll", "val/latent_nll", "train/loss",
+                    *sorted(k for k in metrics if k.startswith("val/fid_"))):
+            if key in metrics:
+                print(f"{key}: {metrics[key]:.4f}")
+        if result["samples"]:
+            print(f"sample grid: {result['samples']}")
     return result["metrics"].get(cfg.get("optimized_metric", "val/nll"))
 
 

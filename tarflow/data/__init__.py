@@ -96,10 +96,13 @@ def _imagenet64(root, img_size, split, channels, flip, **kw) -> Dataset:
     return _folder("imagenet64", path, img_size, split, channels, flip, **kw)
 
 
-def _imagenet128(root, img_size, split, channels, flip, **kw) -> Dataset:
-    return _folder(
-        "imagenet128", _need_root("imagenet128", root), img_size, split, channels, flip, **kw
-    )
+def _imagenet_folder(name: str) -> Callable[..., Dataset]:
+    """The reader of an ImageNet image folder registered as ``name`` (any resolution)."""
+
+    def build(root, img_size, split, channels, flip, **kw) -> Dataset:
+        return _folder(name, _need_root(name, root), img_size, split, channels, flip, **kw)
+
+    return build
 
 
 def _folder(name, root, img_size, split, channels, flip, **kw) -> Dataset:
@@ -127,7 +130,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "demo": _demo,
     "fake": _fake,
     "imagenet64": _imagenet64,
-    "imagenet128": _imagenet128,
+    "imagenet128": _imagenet_folder("imagenet128"),
+    "imagenet256": _imagenet_folder("imagenet256"),
     "afhq": _afhq,
 }
 
@@ -151,7 +155,8 @@ def build_dataset(
           ``seed``.
         * ``imagenet64``: ``root`` is an image folder, or an official ``.npz`` file / directory
           of them (chosen by the presence of ``.npz`` files).
-        * ``imagenet128``: image folder; ``root/<split>`` if present, else ``root``.
+        * ``imagenet128``, ``imagenet256``: image folder; ``root/<split>`` if present, else
+          ``root``.
         * ``afhq``: ``root/{train,val}/{cat,dog,wild}``.
 
     Args:

@@ -16,6 +16,14 @@ Which weights a checkpoint holds:
     module says which in ``checkpoint["tarflow"]["weights"]`` (``"ema"`` or ``"raw"``).
     Validation metrics are computed on the EMA weights too (the callback swaps them in).
 
+Latent models (STARFLOW.md §5): with ``model.autoencoder`` set (or the ``autoencoder``
+argument), the network models a frozen autoencoder's scaled latents. ``self.space`` (a
+:class:`~tarflow.model.space.LatentSpace`) turns each batch into latents (pre-encoded latents
+pass, images are encoded on the device), the noise σ is added in latent space, and validation
+logs ``val/latent_nll`` (nats per latent dimension) instead of the pixel ``val/nll`` / ``val/bpd``.
+The autoencoder is not part of the module's weights: checkpoints record it (path, scale, shift,
+weights fingerprint) under ``hyper_parameters["autoencoder"]`` and ``checkpoint["tarflow"]``.
+
 Randomness: the augmentation noise and label dropout draw from a generator seeded by
 ``(seed, epoch, batch index, rank)``, not from the global RNG, so a run resumed from a checkpoint
 draws exactly the noise an uninterrupted run would have drawn, and validation noise is the same at
@@ -36,6 +44,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from tarflow.data import drop_labels, gaussian_noise, uniform_dequantize
 from tarflow.model import TarFlow, TarFlowConfig
+from tarflow.model.space import make_space
 
 OPTIM_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,
@@ -154,6 +163,8 @@ class TarFlowLitModule(L.LightningModule):
             code, and the state-dict keys stay those of the official checkpoints (a
             ``torch.compile``d module would add an ``_orig_mod.`` prefix). Samplers call
             ``FlowBlock.predict`` and stay eager (docs/benchmarks.md, "torch.compile").
+        autoencoder: a latent model's ``model.autoencoder`` spec or record (may instead come
+            as ``model["autoencoder"]``); None = a pixel model.
     """
 
     def __init__(
@@ -165,9 +176,12 @@ class TarFlowLitModule(L.LightningModule):
         seed: int = 0,
         data: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] | None = False,
+        autoencoder: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model = _plain(model)
+        # The Hydra model config carries the autoencoder; the flow's config does not.
+        autoencoder = _plain(model.pop("autoencoder", None) or autoencoder)
         known = {f.name for f in dataclasses.fields(TarFlowConfig)}
         if set(model) - known:
             raise ValueError(
@@ -188,6 +202,10 @@ class TarFlowLitModule(L.LightningModule):
         self.data_identity = _data_identity(data)
         self.compile_options = compile_options(compile)
         self._compiled = False
+        # Resolved now (scale, shift, geometry, fingerprint), so a missing autoencoder fails at
+        # start-up and checkpoints record exactly which one the latents belong to.
+        self.space = make_space(self.config, autoencoder)
+        record = None if self.space.record is None else self.space.record.to_dict()
         # Store complete, plain values: the full config (so from_checkpoint needs no defaults),
         # and no omegaconf containers (so loading needs no Hydra).
         self.save_hyperparameters(
@@ -199,6 +217,7 @@ class TarFlowLitModule(L.LightningModule):
                 "seed": self.seed,
                 "data": self.data_identity,
                 "compile": self.compile_options or False,
+                "autoencoder": record,
             }
         )
         self.net = TarFlow(self.config)
@@ -244,6 +263,7 @@ class TarFlowLitModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int):
         """batch: x (B, C, H, W) in [-1, 1], y (B,) int64. Returns the scalar mean NLL."""
         x, y = batch
+        x = self.space.flow_inputs(x)  # latent models: images -> latents (latents pass)
         gen = self._generator(0, self.current_epoch, batch_idx, x.device)
         x = self._augment(x, gen)
         labels = self._labels(y, gen)
@@ -260,13 +280,19 @@ class TarFlowLitModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Logs val/nll (training objective, nats/dim) and val/bpd (uniform dequantisation)."""
+        """Logs val/nll (training objective, nats/dim) and val/bpd (uniform dequantisation);
+        a latent model logs val/latent_nll (the objective per latent dimension) only: bits per
+        dimension of 8-bit pixels do not exist for latents (STARFLOW.md §5)."""
         x, y = batch
+        x = self.space.flow_inputs(x)
         gen = self._generator(1, 0, batch_idx, x.device)
         labels = self._labels(y, None)
         nll = self.net.nll(self._augment(x, gen), labels).mean()
-        bpd = self.net.bits_per_dim(uniform_dequantize(x, generator=gen), labels).mean()
         kw = dict(on_epoch=True, sync_dist=True, batch_size=x.shape[0])
+        if self.space.latent:
+            self.log("val/latent_nll", nll, prog_bar=True, **kw)
+            return
+        bpd = self.net.bits_per_dim(uniform_dequantize(x, generator=gen), labels).mean()
         self.log("val/nll", nll, **kw)
         self.log("val/bpd", bpd, prog_bar=True, **kw)
 
@@ -329,4 +355,5 @@ class TarFlowLitModule(L.LightningModule):
             "tag": self.config.tag,
             "run_id": None if logger is None else str(logger.version),
             "data": self.data_identity,
+            "autoencoder": None if self.space.record is None else self.space.record.to_dict(),
         }

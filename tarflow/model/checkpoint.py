@@ -231,6 +231,8 @@ class CheckpointSummary:
         data: the dataset identity recorded at training time (``name``, ``root``,
             ``img_size``, ``channels``, ``num_classes``, ``dataset_kwargs``), or None.
         weights: "ema" or "raw" for our Lightning checkpoints, else None.
+        autoencoder: a latent model's autoencoder record (``AutoencoderRecord.to_dict()``),
+            or None for a pixel model.
     """
 
     path: Path
@@ -239,6 +241,7 @@ class CheckpointSummary:
     state: dict[str, torch.Tensor]
     data: dict | None = None
     weights: str | None = None
+    autoencoder: dict | None = None
 
 
 def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
@@ -254,8 +257,10 @@ def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
     meta = obj.get("tarflow") if isinstance(obj.get("tarflow"), dict) else {}
     hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), dict) else {}
     data = meta.get("data") or hparams.get("data")
+    autoencoder = meta.get("autoencoder") or hparams.get("autoencoder")
     return CheckpointSummary(path, "pytorch-lightning_version" in obj, config, sd,
-                             dict(data) if isinstance(data, dict) else None, meta.get("weights"))
+                             dict(data) if isinstance(data, dict) else None, meta.get("weights"),
+                             dict(autoencoder) if isinstance(autoencoder, dict) else None)
 
 
 def weights_mismatch(config: TarFlowConfig, state: dict[str, torch.Tensor]) -> list[str]:

@@ -195,6 +195,12 @@ PRESETS: dict[str, TarFlowConfig] = {
     # 2-layer shallow blocks, a 22-layer deep block 1.5x as wide (1536 = 24 heads of 64).
     "img64_deep_shallow": TarFlowConfig(64, 3, 4, 1024, 8, (2, 2, 2, 2, 2, 2, 2, 22), 1000,
                                         noise_std=0.05, deep_channels=1536),
+    # Latent models (STARFLOW.md §5): img_size / in_channels are the latents'. The digits' 8x8x4
+    # latents of the demo autoencoder, and STARFlow's class-conditional ImageNet 256 stack over
+    # Stable Diffusion's 32x32x4 latents (1.41B parameters; conf/model/imagenet256_latent.yaml).
+    "demo_latent": TarFlowConfig(8, 4, 2, 128, 4, 2, 10, noise_std=0.1),
+    "imagenet256_latent": TarFlowConfig(32, 4, 1, 2048, 6, (2, 2, 2, 2, 2, 18), 1000,
+                                        noise_std=0.3, cond_deep_only=True, scale="softplus"),
     # Unit-test size with every deep-shallow feature: an identity block, a wider deep block.
     "tiny_deep_shallow": TarFlowConfig(8, 1, 2, 32, 3, (1, 0, 2), 0, head_dim=16,
                                        deep_channels=48),

@@ -99,4 +99,21 @@ Issue 14, "runs are safe to repeat and to get wrong" (``ti`` = tr/test_sample_ev
     across a resume: tests/integration/test_train.py::test_wandb_offline_run_id_stable,
     ``tr/test_crash_resume.py::test_resumed_losses_equal_the_uninterrupted_run_bit_for_bit``;
     the sweep table: ``ti::test_an_eval_sweep_ends_with_a_table``
+
+Issue 13, latent models (``tl`` = tests/integration/test_latent_*.py, ``ua`` =
+tests/unit/test_autoencoder.py, ``ul`` = tests/unit/test_latents.py):
+
+1. A missing or wrong autoencoder fails at start-up naming it and how to get weights:
+   ``ua::test_missing_or_wrong_paths_say_how_to_get_weights``, ``tl_encode::
+   test_refuses_bad_settings_before_reading_images``; a checkpoint's autoencoder missing on
+   this machine, a copy as ``autoencoder_path``, other weights refused: ``tl_run::
+   test_a_missing_autoencoder_is_refused_and_a_copy_can_stand_in``
+2. Interrupted encoding: ``tl_encode::test_an_interrupted_encoding_resumes_and_keeps_finished_
+   shards``; no half-written shard: ``ul::test_shards_are_written_whole_or_not_at_all``; an
+   unfinished directory is never read: ``ul::test_unfinished_or_foreign_directories_are_refused``
+3. Latents of another autoencoder or data: ``ul::test_manifest_guard_names_every_difference``,
+   ``tl_run::test_latents_of_another_autoencoder_are_refused``; a resume with another
+   autoencoder: ``tl_run::test_a_resume_with_another_autoencoder_is_refused``; a pixel metric
+   monitored for a latent model: ``tl_run::test_a_pixel_checkpoint_callback_metric_is_refused_
+   for_latent_models``
 """

@@ -76,6 +76,15 @@ def find_dataset(trainer: L.Trainer, split: str) -> Dataset | None:
     return getattr(loaders, "dataset", None)
 
 
+def find_images(trainer: L.Trainer, split: str) -> Dataset | None:
+    """The real images of ``split``: the datamodule's ``image_set(split)`` where its batches are
+    something else (a latent model's pre-encoded latents), else :func:`find_dataset`."""
+    dm = getattr(trainer, "datamodule", None)
+    if dm is not None and callable(getattr(dm, "image_set", None)):
+        return dm.image_set(split)
+    return find_dataset(trainer, split)
+
+
 def ranking_rows(ranking: list[BlockRank] | None, schedule: SamplingSchedule,
                  tally: IterationTally) -> tuple[list[str], list[list[Any]]]:
     """The ``blocks/ranking`` table: per block its metrics, chosen settings and iterations used.

@@ -16,6 +16,13 @@ Every ``every_n_epochs`` validations (never during the sanity check) :class:`Sam
 5. logs metrics on every rank with ``sync_dist=True``, and media from rank zero (see
    :mod:`tarflow.lit.callbacks.media`).
 
+Latent models (``pl_module.space`` is a :class:`~tarflow.model.space.LatentSpace`): the probe
+batch is encoded (or read as latents), the set is sampled in latent space with the same sampler,
+and every batch is decoded to images in chunks before it reaches the grid and the feature
+extractor; the reference statistics stay those of the real images (``image_set`` of the
+datamodule), so FID compares decoded samples with real pixels. ``compare_sequential`` compares
+latents.
+
 It must see the EMA weights. Lightning calls callback hooks in list order: ``WeightAveraging``
 swaps the averaged weights in at ``on_validation_epoch_start`` and back at
 ``on_validation_epoch_end``, so this callback's ``on_validation_epoch_end`` runs on the averaged
@@ -40,7 +47,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tarflow.eval import FeatureStats, InceptionFeatures, ReferenceStats, frechet_distance
 from tarflow.lit.callbacks.media import log_media
 from tarflow.lit.callbacks.reference import fixed_subset, logged_reference_stats, stack_items
-from tarflow.lit.callbacks.rounds import RoundResult, find_dataset, round_media, round_metrics
+from tarflow.lit.callbacks.rounds import (
+    RoundResult,
+    find_dataset,
+    find_images,
+    round_media,
+    round_metrics,
+)
 from tarflow.lit.callbacks.sample_set import (
     ConvergenceTrace,
     IterationTally,
@@ -54,6 +67,7 @@ from tarflow.lit.callbacks.sample_set import (
 from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.fsdp import sampling_network
 from tarflow.model import TarFlow
+from tarflow.model.space import PixelSpace
 from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
 
 
@@ -130,6 +144,7 @@ class SamplingCallback(Callback):
         self._probe: torch.Tensor | None = None
         self._reference: ReferenceStats | None = None
         self._round_net: TarFlow | None = None  # the network a round samples (FSDP: a copy)
+        self._space: PixelSpace | None = None  # the module's pixel or latent space
 
     @property
     def fid_key(self) -> str:
@@ -202,6 +217,8 @@ class SamplingCallback(Callback):
                   fid_due: bool) -> dict[str, float]:
         """Sample, measure, reduce over ranks and log; returns the logged metrics."""
         net: TarFlow = self._round_net or pl_module.net
+        # Pixels, or a latent model's autoencoder: decides what real data and samples look like.
+        self._space = getattr(pl_module, "space", None) or PixelSpace(net.config)
         device = pl_module.device
         total = self.num_samples if fid_due else max(1, min(self.grid_size, self.num_samples))
         ranking, schedule, plan, error = None, None, None, None
@@ -272,7 +289,7 @@ class SamplingCallback(Callback):
         shard = shard_indices(total, trainer.global_rank, trainer.world_size)
         cfg = net.config
         grid_n = min(self.grid_size, total)
-        grid = (torch.zeros(grid_n, cfg.in_channels, cfg.img_size, cfg.img_size, device=device)
+        grid = (torch.zeros(grid_n, *self._space.image_shape, device=device)
                 if grid_n else None)
         features = FeatureStats() if fid_due else None
         trace = ConvergenceTrace() if trainer.is_global_zero else None
@@ -282,7 +299,7 @@ class SamplingCallback(Callback):
                                     batch_size=self.batch_size, knobs=self.settings.knobs,
                                     trace=trace):
             tally.add(batch)
-            images = batch.images.float()
+            images = self._space.decode(batch.images).float()  # latents -> images (chunks)
             for j, i in enumerate(batch.indices):
                 if i < grid_n:  # the grid shows the set's first members, whoever drew them
                     grid[i] = images[j]
@@ -375,7 +392,9 @@ class SamplingCallback(Callback):
                 self.probe_size = 0
                 return None
             idx = fixed_subset(ds, max(self.probe_size, 2), seed=self.seed)
-            self._probe = stack_items(ds, idx)[0]
+            device = next(net.parameters()).device
+            # Latent models rank on latents: read as such, or the images encoded once here.
+            self._probe = self._space.flow_inputs(stack_items(ds, idx)[0].to(device))
         param = next(net.parameters())
         return rank_blocks(net, self._probe.to(param.device, param.dtype), norm=self.rank_norm)
 
@@ -389,7 +408,7 @@ class SamplingCallback(Callback):
 
     def _load_reference(self, trainer: L.Trainer, extractor: Callable,
                         device: torch.device) -> ReferenceStats:
-        ds = find_dataset(trainer, self.reference_split)
+        ds = find_images(trainer, self.reference_split)  # real images, also for latent models
         if ds is None:
             raise ValueError(f"FID needs reference images, but the trainer has no "
                              f"{self.reference_split!r} dataset (set reference_split)")
