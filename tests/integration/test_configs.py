@@ -70,7 +70,7 @@ def test_experiment_instantiates(tmp_path: Path, experiment: str) -> None:
         cond = experiment != "img64_uncond"
         assert module.net.config.num_classes == (dm.num_classes if cond else 0)
         kinds = [type(cb) for cb in parts["callbacks"]]
-        assert ModelCheckpoint in kinds and EMA in kinds
+        assert any(issubclass(k, ModelCheckpoint) for k in kinds) and EMA in kinds
         assert {type(lg).__name__ for lg in parts["loggers"]} == {"WandbLogger", "RunCSVLogger"}
         if not experiment.startswith("demo"):
             assert isinstance(trainer.strategy, DDPStrategy)
