@@ -85,7 +85,8 @@ def test_trains_on_latents_and_validates_on_decoded_images(run) -> None:
     grids = list(out.rglob("media/samples_grid_*.png"))
     assert len(grids) == 1 and (out / "samples_final.png").is_file()
     final = Image.open(out / "samples_final.png")
-    assert final.size == (2 * 9 + 1, 3 * 9 + 1)  # 3 classes x 2 decoded 8x8 images, 1px pad
+    # 3 classes x 2 decoded 8x8 images, 2px pads, enlarged 8x (to 64 px cells) to be seen.
+    assert final.size == ((2 * 10 + 2) * 8, (3 * 10 + 2) * 8)
 
 
 def test_checkpoint_records_the_autoencoder(run) -> None:

@@ -115,12 +115,12 @@ def test_checkpoint_holds_ema_weights(resume_runs: dict) -> None:
 
 
 def test_final_sample_grid(resume_runs: dict) -> None:
-    """10 rows (unconditional: max_classes) x 2 columns of 8x8 images, 1-pixel padding; the
-    W&B run got it as media."""
+    """10 rows (unconditional: max_classes) x 2 columns of 8x8 images, 2-pixel padding,
+    enlarged 8x to be readable; the W&B run got it as media."""
     from PIL import Image
 
     path = resume_runs["full"]["samples"]
-    assert path is not None and Image.open(path).size == (2 * 9 + 1, 10 * 9 + 1)
+    assert path is not None and Image.open(path).size == ((2 * 10 + 2) * 8, (10 * 10 + 2) * 8)
     wandb_dir = Path(resume_runs["first"]["output_dir"]) / "wandb"
     assert list(wandb_dir.glob("offline-run-*/files/media/images/samples/grid_*.png"))
 
