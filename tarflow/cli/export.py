@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
     print(f"wrote {path} ({which or 'unrecorded'} weights of {config.tag}, {size:.1f} MiB) "
           f"and {record_path.name}")
+    if record.get("autoencoder"):
+        print(f"note: a latent model: the official code samples its {config.in_channels}x"
+              f"{config.img_size}x{config.img_size} latents; decode them with the autoencoder "
+              f"recorded in {record_path.name}")
     if path.name != name:
         print(f"note: the official code reads the architecture from the file name; "
               f"the official name is {name}")

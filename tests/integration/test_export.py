@@ -125,3 +125,18 @@ def test_export_refuses_what_the_official_model_cannot_express(
     result = call_main(export_main, ["tarflow-export", str(ckpt), str(tmp_path / "x.txt")],
                        capsys)
     assert_one_line_error(result, "neither a directory nor a .pth file")
+
+
+def test_a_latent_models_export_names_its_autoencoder(ckpt: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    """The flow of a latent model goes out alone; the JSON beside it carries the autoencoder
+    record its latents need, and the command says so."""
+    obj = torch.load(ckpt, weights_only=True)
+    record = {"path": "/models/ae", "fingerprint": "abc", "latent_channels": 1}
+    obj["tarflow"]["autoencoder"] = record
+    latent = tmp_path / "latent.ckpt"
+    torch.save(obj, latent)
+    assert export_main([str(latent), str(tmp_path / "out") + "/"]) == 0
+    assert "a latent model" in capsys.readouterr().out
+    (pth,) = (tmp_path / "out").glob("*.pth")
+    assert json.loads(pth.with_suffix(".json").read_text())["autoencoder"] == record

@@ -181,3 +181,4 @@ def test_a_resume_with_another_autoencoder_is_refused(run, tmp_path: Path) -> No
     with pytest.raises(ValueError, match="does not fit this run's model: model.autoencoder: "
                                          f"{other}"):
         train(cfg)
+
