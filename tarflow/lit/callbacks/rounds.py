@@ -54,6 +54,25 @@ class RoundResult:
     plan: Plan | None = None
 
 
+def agree(trainer: L.Trainer, device: torch.device, error: Exception | None, what: str,
+          payload: list[float] | None = None) -> list[float]:
+    """All-reduce per-rank failure flags (plus a payload summed over ranks) and raise on every
+    rank if any rank failed, so no rank waits forever in a collective the failed one never
+    joins. Returns the summed payload."""
+    world = trainer.world_size
+    vec = torch.zeros(world + len(payload or []), dtype=torch.float64, device=device)
+    vec[trainer.global_rank] = 0.0 if error is None else 1.0
+    vec[world:] = torch.tensor(payload or [], dtype=torch.float64)
+    vec = trainer.strategy.reduce(vec, reduce_op="sum")
+    if error is not None:
+        raise error
+    failed = [r for r in range(world) if float(vec[r]) > 0]
+    if failed:
+        raise RuntimeError(f"SamplingCallback: rank(s) {failed} failed while {what}; their "
+                           f"traceback shows why")
+    return vec[world:].tolist()
+
+
 def find_dataset(trainer: L.Trainer, split: str) -> Dataset | None:
     """The trainer's dataset for ``split`` ("train" or "val"), or None.
 

@@ -181,6 +181,36 @@ class ConvergenceTrace:
         return {b: ([x for x, _ in p], [r for _, r in p]) for b, p in sorted(self.points.items())}
 
 
+def compare_with_sequential(net: TarFlow, schedule: SamplingSchedule, indices: Sequence[int],
+                            seed: int, knobs: dict) -> list[float]:
+    """[seconds with ``schedule``, seconds sequential, samples, max abs error] on the set's
+    members ``indices`` (all zeros for none).
+
+    Both run twice, alternating, and the faster run of each counts: one run each let a passing
+    hiccup of the machine decide a speed-up near 1. A schedule that is the sequential loop in
+    every block (what the planner picks for large batches on a CPU) is the same computation: it
+    runs once and counts for both (speed-up 1, error 0), rather than reporting the noise between
+    two runs of it as a speed-up.
+    """
+    if not indices:
+        return [0.0, 0.0, 0.0, 0.0]
+    noise, y = fixed_inputs(net, indices, seed)
+    cfg = net.config
+    same = all(schedule.for_block(b).is_sequential(cfg.num_patches)
+               for b in range(cfg.num_blocks))
+    runs = {"exact": (SamplingSchedule.sequential(), [])}
+    if not same:
+        runs["fast"] = (schedule, [])
+    images = {}
+    for _ in range(1 if same else 2):
+        for name, (sched, seconds) in runs.items():
+            images[name], stats = sample(net, noise, y, sched, **knobs)
+            seconds.append(stats.seconds)
+    fast = "exact" if same else "fast"
+    return [min(runs[fast][1]), min(runs["exact"][1]), float(len(indices)),
+            max_abs_error(images[fast], images["exact"])]
+
+
 def max_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference, in float64 (inf if either side is non-finite)."""
     diff = (a.double() - b.double()).abs()

@@ -49,6 +49,7 @@ from tarflow.lit.callbacks.media import log_media
 from tarflow.lit.callbacks.reference import fixed_subset, logged_reference_stats, stack_items
 from tarflow.lit.callbacks.rounds import (
     RoundResult,
+    agree,
     find_dataset,
     find_images,
     round_media,
@@ -58,8 +59,7 @@ from tarflow.lit.callbacks.sample_set import (
     ConvergenceTrace,
     IterationTally,
     SampledBatch,
-    fixed_inputs,
-    max_abs_error,
+    compare_with_sequential,
     sample_batches,
     save_shard,
     shard_indices,
@@ -68,7 +68,7 @@ from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.fsdp import sampling_network
 from tarflow.model import TarFlow
 from tarflow.model.space import PixelSpace
-from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
+from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table
 
 
 def _plain(value: Any) -> Any:
@@ -230,7 +230,7 @@ class SamplingCallback(Callback):
                     seed=self.seed, timer=self._planner_timer(trainer))
         except Exception as err:
             error = err
-        self._agree(trainer, device, error, "choosing the sampling schedule")
+        agree(trainer, device, error, "choosing the sampling schedule")
         if self.settings.is_planned:  # every rank samples with rank zero's measured plan
             schedule, plan = trainer.strategy.broadcast((schedule, plan), src=0)
         result, error = None, None
@@ -238,7 +238,7 @@ class SamplingCallback(Callback):
             result = self._local_round(trainer, net, total, fid_due, ranking, schedule, plan)
         except Exception as err:  # reported to every rank below
             error = err
-        self._agree(trainer, device, error, "sampling")
+        agree(trainer, device, error, "sampling")
         assert result is not None
         strategy = trainer.strategy
         # Phase 2: sums over ranks (the same calls, in the same order, on every rank).
@@ -269,7 +269,7 @@ class SamplingCallback(Callback):
                 self._log_media(trainer, result, tally, grid)
             except Exception as err:
                 error = err
-        fid = self._agree(trainer, device, error, "computing FID / logging media", [fid])[0]
+        fid = agree(trainer, device, error, "computing FID / logging media", [fid])[0]
         metrics = round_metrics(result.ranking, tally, slowest, compare, max_err, plan)
         if fid_due:
             metrics[self.fid_key] = fid
@@ -315,51 +315,12 @@ class SamplingCallback(Callback):
 
     def _compare(self, net: TarFlow, schedule: SamplingSchedule,
                  shard: list[int]) -> list[float]:
-        """[seconds configured, seconds sequential, samples, max abs error] on this rank.
-
-        Both run twice, alternating, and the faster run of each counts: one run each let a
-        passing hiccup of the machine decide a speed-up near 1. A schedule that is the
-        sequential loop in every block (what the planner picks for large batches on a CPU) is
-        the same computation: it runs once more and counts for both (speed-up 1, error 0),
-        rather than reporting the noise between two runs of it as a speed-up.
-        """
+        """[seconds configured, seconds sequential, samples, max abs error] on this rank's
+        members below ``compare_sequential`` (see :func:`compare_with_sequential`)."""
         subset = [i for i in shard if i < self.compare_sequential]
-        if not subset:
-            return [0.0, 0.0, 0.0, 0.0]
-        noise, y = fixed_inputs(net, subset, self.seed)
-        cfg = net.config
-        same = all(schedule.for_block(b).is_sequential(cfg.num_patches)
-                   for b in range(cfg.num_blocks))
-        runs = {"exact": (SamplingSchedule.sequential(), [])}
-        if not same:
-            runs["fast"] = (schedule, [])
-        images = {}
-        for _ in range(1 if same else 2):
-            for name, (sched, seconds) in runs.items():
-                images[name], stats = sample(net, noise, y, sched, **self.settings.knobs)
-                seconds.append(stats.seconds)
-        fast = runs["exact" if same else "fast"]
-        return [min(fast[1]), min(runs["exact"][1]), float(len(subset)),
-                max_abs_error(images["exact" if same else "fast"], images["exact"])]
+        return compare_with_sequential(net, schedule, subset, self.seed, self.settings.knobs)
 
     # ------------------------------------------------------------------ helpers
-    def _agree(self, trainer: L.Trainer, device: torch.device, error: Exception | None,
-               what: str, payload: list[float] | None = None) -> list[float]:
-        """All-reduce per-rank failure flags (plus a payload summed over ranks); raise on every
-        rank if any rank failed. Returns the summed payload."""
-        world = trainer.world_size
-        vec = torch.zeros(world + len(payload or []), dtype=torch.float64, device=device)
-        vec[trainer.global_rank] = 0.0 if error is None else 1.0
-        vec[world:] = torch.tensor(payload or [], dtype=torch.float64)
-        vec = trainer.strategy.reduce(vec, reduce_op="sum")
-        if error is not None:
-            raise error
-        failed = [r for r in range(world) if float(vec[r]) > 0]
-        if failed:
-            raise RuntimeError(f"SamplingCallback: rank(s) {failed} failed while {what}; their "
-                               f"traceback shows why")
-        return vec[world:].tolist()
-
     def _check_plan(self, trainer: L.Trainer, plan: Plan | None, measured: float | None) -> None:
         """Drop a cached plan whose measured speed-up falls well short of its prediction
         (below 0.8x the predicted one, and below 1): it was timed while something else loaded
