@@ -7,7 +7,7 @@ Examples::
     torchrun --nproc-per-node 8 -m tarflow.cli.encode experiment=imagenet256_latent \\
         data.root=/data/imagenet hydra.run.dir=outputs/encode/imagenet256
 
-It composes ``tarflow-train``'s config (``conf/encode.yaml`` includes ``train.yaml``), so one
+It composes ``tarflow-train``'s config (``tarflow/conf/encode.yaml`` includes ``train.yaml``), so one
 ``experiment=`` names the data, the autoencoder (``model.autoencoder``) and the output directory
 (``data.latents``) for both commands. Any ``data=`` works (folders, the ImageNet npz files, the
 digits); images are read without random flips, and ``encode.flip=true`` stores every train image
@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader, Dataset
 from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records
-from tarflow.cli.sample import CONFIG_DIR, pick_device
+from tarflow.cli.sample import pick_device
+from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
 from tarflow.data.latents import (
     FORMAT,

@@ -43,7 +43,6 @@ from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records, write_keeping_previous
 from tarflow.cli.sample import (
-    CONFIG_DIR,
     load_network,
     load_space,
     progress_bar,
@@ -51,6 +50,7 @@ from tarflow.cli.sample import (
     summary_of,
 )
 from tarflow.cli.sample_checks import check_eval_config, fid_stats_path
+from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset, gaussian_noise, uniform_dequantize
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
 from tarflow.lit.callbacks.reference import reference_provenance, reference_stats, stack_items

@@ -47,6 +47,7 @@ from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records
 from tarflow.cli.sample_checks import check_sample_config, sample_job
 from tarflow.cli.sample_outputs import SampleFiles, clear_outputs
+from tarflow.conf import CONFIG_DIR
 from tarflow.eval import images_to_uint8
 from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.reference import fixed_subset, stack_items
@@ -58,8 +59,6 @@ from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ran
 from tarflow.sampling.plan import device_name
 
 log = logging.getLogger(__name__)
-# Absolute path: a relative config_path would be read as a Python package by the console script.
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -23,11 +23,11 @@ from tarflow.cli.checks import (
     normalise_schedule,
 )
 from tarflow.cli.sample_outputs import check_out_dir
+from tarflow.conf import CONFIG_DIR
 from tarflow.model import CheckpointSummary, describe_checkpoint
 from tarflow.model.autoencoder import locate, resolve_autoencoder
 from tarflow.model.space import make_space
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 DTYPES = ("float32", "float64", "bfloat16")
 FORMATS = ("png", "npz", "both")
 
@@ -237,7 +237,7 @@ def check_dtype(name: Any) -> None:
 
 def _check_keys(cfg: DictConfig, command: str) -> None:
     """Refuse top-level keys the command does not read (``+model=tiny`` would be ignored)."""
-    primary = OmegaConf.load(CONFIG_DIR / f"{command}.yaml")
+    primary = OmegaConf.load(Path(CONFIG_DIR) / f"{command}.yaml")
     groups = {key for entry in primary.get("defaults", []) if isinstance(entry, DictConfig)
               for key in entry}
     known = (set(primary) - {"defaults"}) | groups | {"hydra"}

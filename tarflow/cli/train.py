@@ -1,4 +1,4 @@
-"""``tarflow-train``: train a TarFlow from the Hydra configs in ``conf/``.
+"""``tarflow-train``: train a TarFlow from the Hydra configs in ``tarflow/conf/``.
 
 Examples::
 
@@ -48,6 +48,7 @@ from tarflow.cli.checks import check_config
 from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import Resume, config_changes, describe_changes, resume_argv, save_records
+from tarflow.conf import CONFIG_DIR
 from tarflow.lit.callbacks.epoch_log import EpochLog
 from tarflow.lit.callbacks.plots import image_grid
 from tarflow.lit.callbacks.sampler_config import parse_sampler
@@ -59,9 +60,6 @@ from tarflow.model.space import PixelSpace
 from tarflow.sampling import SamplingSchedule, sample
 
 log = logging.getLogger(__name__)
-# The repo's conf/ as an absolute path: a relative config_path would be read as a Python package
-# when the console script imports this module (conf/ is not a package).
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def _instantiate_dict(group: DictConfig | None, what: str) -> list[Any]:

@@ -1,6 +1,6 @@
 """W&B logger factory: offline when no key is configured, resumable ids, CSV fallback.
 
-``conf/logger/wandb.yaml`` targets :func:`wandb_logger` instead of ``WandbLogger`` directly because
+``tarflow/conf/logger/wandb.yaml`` targets :func:`wandb_logger` instead of ``WandbLogger`` directly because
 three decisions need code:
 
 * ``offline: auto`` resolves to online only when ``WANDB_MODE`` says so, or an API key is set

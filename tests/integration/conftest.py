@@ -12,8 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
+from tarflow.conf import CONFIG_DIR
+
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO / "conf"
+CONF_DIR = Path(CONFIG_DIR)
 EXPERIMENTS = ("demo", "img64_uncond", "img64_cond", "img128_cond", "afhq256_cond",
                "demo_deep_shallow", "img64_deep_shallow")
 

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from tarflow.cli import evaluate, sample
+from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
 from tarflow.lit.callbacks.sample_set import fixed_inputs
 from tarflow.lit.callbacks.sampler_config import parse_sampler
@@ -29,7 +30,7 @@ from tarflow.sampling import sample as ring1_sample
 from tests.integration.test_sampling_callback import TinyExtractor
 
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf"
+CONF = Path(CONFIG_DIR)
 EXTRACTOR = f"{TinyExtractor.__module__}.TinyExtractor"
 # A 4-block conditional model, so the demo-sized schedules of the sweep grid apply.
 CONFIG = TarFlowConfig(img_size=8, in_channels=1, patch_size=2, channels=32, num_blocks=4,

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from tarflow.conf import CONFIG_DIR
 from tarflow.model import TarFlow, TarFlowConfig
 from tests.integration.test_sampling_callback import TinyExtractor
 from tests.reliability.helpers import assert_one_line_error, run_cli, run_clis, snapshot
@@ -228,7 +229,7 @@ def test_help_lists_only_what_works_there(tmp_path: Path, command: str) -> None:
     assert result.code == 0, result.err[-3000:]
     name = "tarflow-eval" if command == "evaluate" else "tarflow-sample"
     assert result.out.startswith(f"{name}: ")
-    samplers = sorted(p.stem for p in (Path(__file__).parents[2] / "conf" / "sampler").glob(
+    samplers = sorted(p.stem for p in (Path(CONFIG_DIR) / "sampler").glob(
         "*.yaml"))
     assert f"sampler: {', '.join(samplers)}" in result.out
     for group in ("experiment:", "model:", "trainer:", "callbacks:", "logger:", "debug:"):

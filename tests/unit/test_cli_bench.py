@@ -43,7 +43,7 @@ def test_the_printed_schedule_reads_back_as_a_sampler_schedule(capsys):
     from omegaconf import OmegaConf
 
     from tarflow.cli.checks import normalise_schedule
-    from tarflow.cli.sample import CONFIG_DIR
+    from tarflow.conf import CONFIG_DIR
     from tarflow.lit.callbacks.sampler_config import parse_sampler
     from tarflow.sampling import parse_schedule
 

@@ -62,7 +62,7 @@ def reference_meta(dataset: Dataset, *, split: str, count: int, seed: int) -> di
 def stats_file_name(dataset: str, img_size: int, channels: int, split: str, count: int) -> str:
     """The cache file name every entry point uses, e.g. ``demo_16px_c1_train300.npz``.
 
-    ``conf/callbacks/sampling.yaml`` and ``conf/eval.yaml`` spell the same pattern with
+    ``tarflow/conf/callbacks/sampling.yaml`` and ``tarflow/conf/eval.yaml`` spell the same pattern with
     interpolations, so the callback, ``tarflow-eval`` and ``scripts/prepare_fid_stats.py`` share
     one cache.
     """

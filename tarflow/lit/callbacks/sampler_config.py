@@ -1,4 +1,4 @@
-"""Sampler settings from a plain dict: a ``conf/sampler/*.yaml`` after ``OmegaConf.to_container``.
+"""Sampler settings from a plain dict: a ``tarflow/conf/sampler/*.yaml`` after ``OmegaConf.to_container``.
 
 The same sampler files drive validation sampling, ``tarflow-sample``, ``tarflow-eval`` and the
 benchmarks, so the translation into ring-1 objects lives in one place. This module imports neither

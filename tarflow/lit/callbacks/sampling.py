@@ -82,7 +82,7 @@ class SamplingCallback(Callback):
     """Sample, rank, measure and log during validation (see the module docstring).
 
     Args:
-        sampler: a ``conf/sampler/*.yaml`` dict (schedule, tol, init, guidance, ...).
+        sampler: a ``tarflow/conf/sampler/*.yaml`` dict (schedule, tol, init, guidance, ...).
         every_n_epochs: run a sampling round every n-th validation.
         num_samples: N of ``val/fid_<N>``: the size of the fixed sample set on FID rounds.
         fid_every_n_epochs: compute FID every n-th validation (0 = never); FID rounds sample N
