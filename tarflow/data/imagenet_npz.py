@@ -70,6 +70,18 @@ def npz_files(path_or_dir: str | os.PathLike, *, train: bool = True) -> list[Pat
     return files
 
 
+def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of an open ``.npy`` stream, left at the data's start."""
+    version = np.lib.format.read_magic(f)
+    read = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
 def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in an ``.npz`` without reading the data."""
     out = {}
@@ -78,13 +90,7 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             if not info.filename.endswith(".npy"):
                 continue
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read(f)
+                shape, dtype = read_npy_header(f)
             out[info.filename[: -len(".npy")]] = (shape, dtype)
     return out
 
