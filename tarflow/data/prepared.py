@@ -259,7 +259,7 @@ def open_prepared(
         s = int(img_size)
         raise DataError(
             f"the prepared set {ds.root} holds {describe(ds.manifest)}, but this run reads "
-            f"{name} {s}x{s}x{channels}; prepare {name} at {s} with tarflow-prepare into "
+            f"{name} {s}x{s}x{channels}; prepare that with tarflow-prepare into "
             "another directory, or configure the data it holds"
         )
     if class_names is not None and list(class_names) != ds.class_names:

@@ -229,3 +229,13 @@ def test_memory_maps_are_opened_per_process_and_never_pickled(tmp_path):
     assert torch.equal(
         torch.cat([x for x, _ in batches]), torch.stack([ds[i][0] for i in range(len(ds))])
     )
+
+
+def test_rank_probes_a_prepared_set(tmp_path, capsys):
+    from tarflow.cli.rank import main as rank_main
+
+    src = _folder_source(tmp_path / "src")
+    prepare_dataset("imagenet128", src, tmp_path / "out", img_size=8, channels=1)
+    args = ["--preset", "tiny", "--device", "cpu", "--probe", "4"]
+    assert rank_main([*args, "--data", "imagenet128", "--root", str(tmp_path / "out")]) == 0
+    assert "probe: 4 imagenet128 images" in capsys.readouterr().out
