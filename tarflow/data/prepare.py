@@ -13,11 +13,13 @@ unlike modification times.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ __all__ = ["PREPARABLE", "prepare_dataset"]
 # Dataset names that read files, with the training size their data config uses.
 PREPARABLE = {"imagenet64": 64, "imagenet128": 128, "imagenet256": 256, "afhq": 256}
 _SAMPLE = 1 << 20  # bytes hashed at each end of an npz file
+LOCK = ".prepare.lock"
 
 
 def _durable_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -224,7 +227,7 @@ def _existing_state(out: Path, plan: dict[str, Any]) -> str:
                     "output directory or delete it"
                 )
             return state
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise DataError(f"output {out} exists and is not a prepared set; choose a new directory")
     return "fresh"
 
@@ -242,6 +245,17 @@ def _open_partial(path: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
     return arr
 
 
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock file, or refuse at once: two preparations must not share parts."""
+    with open(out / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another tarflow-prepare is writing {out}; wait for it") from None
+        yield
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -254,6 +268,11 @@ def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> 
     paths = {k: out / rel for k, rel in array_files(split).items()}
     partial = {k: p.with_name(p.name + ".partial") for k, p in paths.items()}
     if len(done) < len(info["parts"]):
+        if done and not partial["images"].exists():
+            raise DataError(
+                f"{out / PROGRESS} records copied parts of {split} but {partial['images']} is "
+                "gone; delete the output directory and prepare again"
+            )
         images = _open_partial(partial["images"], (info["count"], c, s, s), "uint8")
         labels = _open_partial(partial["labels"], (info["count"],), "int64")
         starts = np.concatenate([[0], np.cumsum(info["parts"])]).tolist()
@@ -274,6 +293,39 @@ def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> 
         if partial[key].exists():
             os.replace(partial[key], paths[key])
     _fsync_dir(paths["images"].parent)
+
+
+def _run(out, plan, sources, progress, on_plan, workers) -> tuple[dict[str, Any], bool]:
+    """The copying of :func:`prepare_dataset`, holding the directory's lock."""
+    # Again: another preparation may have finished or started here before the lock was ours.
+    state = _existing_state(out, plan)
+    progress_state = {"done": {}, "substituted": {}}
+    if state == "resume":  # with the recorded parts: a changed --chunk must not move boundaries
+        plan = json.loads((out / PLAN).read_text())
+        if (out / PROGRESS).is_file():
+            progress_state = json.loads((out / PROGRESS).read_text())
+    if on_plan is not None:
+        copied = sum(
+            plan["splits"][split]["parts"][k]
+            for split, ks in progress_state["done"].items()
+            for k in ks
+        )
+        on_plan(plan, state, copied)
+    if state == "done":
+        for leftover in (PLAN, PROGRESS):  # a crash after the manifest, before the clean-up
+            (out / leftover).unlink(missing_ok=True)
+        return read_prepared(out), False
+    if state == "fresh":
+        _durable_json(out / PLAN, plan)
+    for split, src in sources.items():
+        src.parts = plan["splits"][split]["parts"]
+        _prepare_split(out, split, src, plan, progress_state, progress, workers)
+    for split, subs in progress_state["substituted"].items():
+        plan["splits"][split]["substituted"] = subs
+    _durable_json(out / MANIFEST, {**plan, "complete": True})
+    for name_ in (PLAN, PROGRESS):
+        (out / name_).unlink(missing_ok=True)
+    return read_prepared(out), True
 
 
 def prepare_dataset(
@@ -317,30 +369,7 @@ def prepare_dataset(
         )
     sources = _sources(name, root, img_size, channels, splits, chunk)
     plan = _plan(name, root, img_size, channels, sources)
-    state = _existing_state(out, plan)
-    progress_state = {"done": {}, "substituted": {}}
-    if state == "resume":  # with the recorded parts: a changed --chunk must not move boundaries
-        plan = json.loads((out / PLAN).read_text())
-        if (out / PROGRESS).is_file():
-            progress_state = json.loads((out / PROGRESS).read_text())
-    if on_plan is not None:
-        copied = sum(
-            plan["splits"][split]["parts"][k]
-            for split, ks in progress_state["done"].items()
-            for k in ks
-        )
-        on_plan(plan, state, copied)
-    if state == "done":
-        return read_prepared(out), False
-    if state == "fresh":
-        out.mkdir(parents=True, exist_ok=True)
-        _durable_json(out / PLAN, plan)
-    for split, src in sources.items():
-        src.parts = plan["splits"][split]["parts"]
-        _prepare_split(out, split, src, plan, progress_state, progress, workers)
-    for split, subs in progress_state["substituted"].items():
-        plan["splits"][split]["substituted"] = subs
-    _durable_json(out / MANIFEST, {**plan, "complete": True})
-    for name_ in (PLAN, PROGRESS):
-        (out / name_).unlink(missing_ok=True)
-    return read_prepared(out), True
+    _existing_state(out, plan)  # refuse another set's directory before creating anything
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        return _run(out, plan, sources, progress, on_plan, workers)

@@ -155,7 +155,35 @@ def test_interrupted_preparation_resumes(tmp_path, kind):
     assert {k: v for k, v in manifest.items() if k != "source_root"} == {
         k: v for k, v in clean.items() if k != "source_root"
     }
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train", "val"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".prepare.lock",
+        "manifest.json",
+        "train",
+        "val",
+    ]
+
+
+def test_resume_guards(tmp_path):
+    """A second preparation of the same directory at once is refused; a resume whose partial
+    file was deleted does not fill the recorded parts with zeros."""
+    import fcntl
+
+    src = _npz_source(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".prepare.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(DataError, match="another tarflow-prepare is writing"):
+            prepare_dataset("imagenet64", src, out, img_size=8)
+
+    def crash(split, n):
+        raise Crash
+
+    with pytest.raises(Crash):
+        prepare_dataset("imagenet64", src, out, img_size=8, progress=crash)
+    (out / "train" / "images.npy.partial").unlink()
+    with pytest.raises(DataError, match="images.npy.partial is gone"):
+        prepare_dataset("imagenet64", src, out, img_size=8)
 
 
 def test_half_written_sets_are_refused(tmp_path):
