@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tarflow.data.errors import DataError
+from tarflow.data.errors import DataError, DataWarning
 from tarflow.data.transforms import uint8_to_signed
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 NUM_CLASSES = 1000
+# Above this many bytes of pixels the reader suggests tarflow-prepare: every process (rank)
+# holds its own copy, e.g. ~15.7 GB each for the ImageNet64 train set.
+LARGE_BYTES = 2 << 30
 _TRAIN_GLOB = "train_data_batch_*.npz"
 _VAL_NAME = "val_data.npz"
 
@@ -193,6 +197,14 @@ class ImageNetNpzDataset(Dataset):
         # Headers first, so the full array is allocated once instead of concatenated (2x peak).
         counts = [check_header(f, self.img_size) for f in self.files]
         s = self.img_size
+        if sum(counts) * 3 * s * s > LARGE_BYTES:
+            warnings.warn(
+                f"reading {sum(counts) * 3 * s * s / 1e9:.1f} GB of npz images into this "
+                "process's memory (every rank holds its own copy); prepare them once with "
+                "`tarflow-prepare` and point data.root at the result to share one copy",
+                DataWarning,
+                stacklevel=2,
+            )
         self.images = np.empty((sum(counts), 3, s, s), dtype=np.uint8)
         self.labels = np.empty(sum(counts), dtype=np.int64)
         start = 0

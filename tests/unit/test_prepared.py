@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,16 @@ def test_rank_probes_a_prepared_set(tmp_path, capsys):
     args = ["--preset", "tiny", "--device", "cpu", "--probe", "4"]
     assert rank_main([*args, "--data", "imagenet128", "--root", str(tmp_path / "out")]) == 0
     assert "probe: 4 imagenet128 images" in capsys.readouterr().out
+
+
+def test_npz_reader_points_large_sets_to_tarflow_prepare(tmp_path, monkeypatch):
+    from tarflow.data import imagenet_npz
+
+    src = _npz_source(tmp_path / "src")
+    monkeypatch.setattr(imagenet_npz, "LARGE_BYTES", 18 * 3 * 8 * 8 - 1)
+    with pytest.warns(DataWarning, match="tarflow-prepare"):
+        ImageNetNpzDataset(src, 8)
+    monkeypatch.setattr(imagenet_npz, "LARGE_BYTES", 18 * 3 * 8 * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ImageNetNpzDataset(src, 8)
