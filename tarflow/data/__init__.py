@@ -18,6 +18,8 @@ from tarflow.data.errors import DataError, DataWarning
 from tarflow.data.fake import FakeImageDataset
 from tarflow.data.folder import AFHQ_CLASSES, IMG_EXTENSIONS, ImageFolderDataset, afhq_dataset
 from tarflow.data.imagenet_npz import ImageNetNpzDataset, export_to_folder, write_imagenet_npz
+from tarflow.data.prepare import PREPARABLE, prepare_dataset
+from tarflow.data.prepared import PreparedDataset, looks_prepared, open_prepared
 from tarflow.data.transforms import (
     drop_labels,
     gaussian_noise,
@@ -30,18 +32,22 @@ __all__ = [
     "AFHQ_CLASSES",
     "DATASETS",
     "IMG_EXTENSIONS",
+    "PREPARABLE",
     "DataError",
     "DataWarning",
     "DigitsDataset",
     "FakeImageDataset",
     "ImageFolderDataset",
     "ImageNetNpzDataset",
+    "PreparedDataset",
     "afhq_dataset",
     "build_dataset",
     "drop_labels",
     "export_to_folder",
     "gaussian_noise",
     "image_transform",
+    "looks_prepared",
+    "prepare_dataset",
     "uint8_to_signed",
     "uniform_dequantize",
     "write_imagenet_npz",
@@ -159,6 +165,11 @@ def build_dataset(
           ``root``.
         * ``afhq``: ``root/{train,val}/{cat,dog,wild}``.
 
+        For the names that read from disk, ``root`` may instead be a directory written by
+        ``tarflow-prepare`` (found by its manifest): a :class:`PreparedDataset` then reads the
+        prepared uint8 arrays through ``np.memmap``, after checking that they hold this
+        dataset at this size.
+
     Args:
         name: registry name (see above).
         root: data location, for the datasets that read from disk.
@@ -173,4 +184,8 @@ def build_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
+    if root is not None and name in PREPARABLE and looks_prepared(root):
+        return open_prepared(
+            root, name=name, img_size=img_size, split=split, channels=channels, flip=flip, **kw
+        )
     return DATASETS[name](root, img_size, split, channels, flip, **kw)

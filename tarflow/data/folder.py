@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from tarflow.data.errors import DataError, DataWarning
-from tarflow.data.transforms import image_transform
+from tarflow.data.transforms import image_transform, resize_crop
 
 __all__ = ["AFHQ_CLASSES", "IMG_EXTENSIONS", "ImageFolderDataset", "afhq_dataset"]
 
@@ -119,6 +119,8 @@ class ImageFolderDataset(Dataset):
         self.transform = image_transform(self.img_size, train=train, flip=flip, channels=channels)
         self._convert = self.transform.transforms[0]
         self._after_convert = T.Compose(self.transform.transforms[1:])
+        # The same resize/crop the transform starts with (its ConvertMode is then a no-op).
+        self._crop = resize_crop(self.img_size, channels=self.channels)
         if not self.root.is_dir():
             what = "is not a directory" if self.root.exists() else "does not exist"
             raise FileNotFoundError(
@@ -206,13 +208,8 @@ class ImageFolderDataset(Dataset):
             stacklevel=3,
         )
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return item ``index``.
-
-        Returns:
-            x: float32 (channels, S, S) in [-1, 1].
-            y: int64 scalar label.
-        """
+    def _readable(self, index: int) -> tuple[int, Image.Image]:
+        """The first readable image at or after ``index`` (mode-converted) and its index."""
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images in {self.root}")
@@ -223,15 +220,34 @@ class ImageFolderDataset(Dataset):
             if j in self._bad_indices:
                 continue
             try:
-                img = self._load(j)
+                return j, self._load(j)
             except _DECODE_ERRORS as err:
                 self._mark_bad(j, err)
-                continue
-            # Mode conversion already ran inside _load's error handling; finish outside it so a
-            # bug in the pipeline is not mistaken for a bad file.
-            x = self._after_convert(img)
-            return x, torch.tensor(int(self.labels[j]), dtype=torch.int64)
         raise DataError(f"No readable image left in {self.root}.")
+
+    def image(self, index: int) -> tuple[Image.Image, int, int]:
+        """Item ``index`` at the training size before the tensor steps (no flip).
+
+        Returns:
+            img: PIL image, S x S, in the dataset's mode ("L" or "RGB").
+            label: its label.
+            read: the index actually read (a later one when ``index`` is unreadable).
+        """
+        j, img = self._readable(index)
+        return self._crop(img), int(self.labels[j]), j
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return item ``index``.
+
+        Returns:
+            x: float32 (channels, S, S) in [-1, 1].
+            y: int64 scalar label.
+        """
+        j, img = self._readable(index)
+        # Mode conversion already ran inside _load's error handling; finish outside it so a
+        # bug in the pipeline is not mistaken for a bad file.
+        x = self._after_convert(img)
+        return x, torch.tensor(int(self.labels[j]), dtype=torch.int64)
 
 
 def afhq_dataset(

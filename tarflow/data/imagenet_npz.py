@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,12 +20,22 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from tarflow.data.errors import DataError
+from tarflow.data.errors import DataError, DataWarning
 from tarflow.data.transforms import uint8_to_signed
 
-__all__ = ["ImageNetNpzDataset", "export_to_folder", "npz_files", "write_imagenet_npz"]
+__all__ = [
+    "ImageNetNpzDataset",
+    "check_header",
+    "export_to_folder",
+    "npz_files",
+    "read_npz",
+    "write_imagenet_npz",
+]
 
 NUM_CLASSES = 1000
+# Above this many bytes of pixels the reader suggests tarflow-prepare: every process (rank)
+# holds its own copy, e.g. ~15.7 GB each for the ImageNet64 train set.
+LARGE_BYTES = 2 << 30
 _TRAIN_GLOB = "train_data_batch_*.npz"
 _VAL_NAME = "val_data.npz"
 
@@ -63,6 +74,18 @@ def npz_files(path_or_dir: str | os.PathLike, *, train: bool = True) -> list[Pat
     return files
 
 
+def read_npy_header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from the header of an open ``.npy`` stream, left at the data's start."""
+    version = np.lib.format.read_magic(f)
+    read = (
+        np.lib.format.read_array_header_1_0
+        if version == (1, 0)
+        else np.lib.format.read_array_header_2_0
+    )
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
 def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every array in an ``.npz`` without reading the data."""
     out = {}
@@ -71,18 +94,12 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             if not info.filename.endswith(".npy"):
                 continue
             with zf.open(info) as f:
-                version = np.lib.format.read_magic(f)
-                read = (
-                    np.lib.format.read_array_header_1_0
-                    if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read(f)
+                shape, dtype = read_npy_header(f)
             out[info.filename[: -len(".npy")]] = (shape, dtype)
     return out
 
 
-def _check_header(path: Path, img_size: int) -> int:
+def check_header(path: Path, img_size: int) -> int:
     """Validate keys, dtypes and shapes of one file; return its number of rows."""
     try:
         heads = _headers(path)
@@ -116,6 +133,28 @@ def _check_header(path: Path, img_size: int) -> int:
     if not np.issubdtype(ldtype, np.integer):
         raise DataError(f"{path}: 'labels' must be integers, got {ldtype}.")
     return shape[0]
+
+
+def read_npz(path: Path, count: int, img_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The arrays of one file whose header :func:`check_header` accepted.
+
+    Returns:
+        images: uint8 (count, 3, S, S).
+        labels: int64 (count,), 0-based class ids.
+    """
+    with np.load(path, allow_pickle=False) as z:
+        labels = np.asarray(z["labels"])
+        bad = (labels < 1) | (labels > NUM_CLASSES)
+        if bad.any():
+            zero_based = labels.min() == 0
+            hint = " (they look 0-based; the format is 1-based)" if zero_based else ""
+            raise DataError(
+                f"{path}: {int(bad.sum())} label(s) outside [1, {NUM_CLASSES}], e.g. "
+                f"{int(labels[bad][0])}{hint}; write files with write_imagenet_npz."
+            )
+        # Rows are channel-major, so a plain reshape gives (n, 3, S, S).
+        images = z["data"].reshape(count, 3, img_size, img_size)
+    return images, labels.astype(np.int64) - 1
 
 
 class ImageNetNpzDataset(Dataset):
@@ -156,25 +195,22 @@ class ImageNetNpzDataset(Dataset):
         self.flip = bool(train and flip)
         self.files = npz_files(path_or_dir, train=train)
         # Headers first, so the full array is allocated once instead of concatenated (2x peak).
-        counts = [_check_header(f, self.img_size) for f in self.files]
+        counts = [check_header(f, self.img_size) for f in self.files]
         s = self.img_size
+        if sum(counts) * 3 * s * s > LARGE_BYTES:
+            warnings.warn(
+                f"reading {sum(counts) * 3 * s * s / 1e9:.1f} GB of npz images into this "
+                "process's memory (every rank holds its own copy); prepare them once with "
+                "`tarflow-prepare` and point data.root at the result to share one copy",
+                DataWarning,
+                stacklevel=2,
+            )
         self.images = np.empty((sum(counts), 3, s, s), dtype=np.uint8)
         self.labels = np.empty(sum(counts), dtype=np.int64)
         start = 0
         for f, n in zip(self.files, counts, strict=True):
-            with np.load(f, allow_pickle=False) as z:
-                labels = np.asarray(z["labels"])
-                bad = (labels < 1) | (labels > NUM_CLASSES)
-                if bad.any():
-                    zero_based = labels.min() == 0
-                    hint = " (they look 0-based; the format is 1-based)" if zero_based else ""
-                    raise DataError(
-                        f"{f}: {int(bad.sum())} label(s) outside [1, {NUM_CLASSES}], e.g. "
-                        f"{int(labels[bad][0])}{hint}; write files with write_imagenet_npz."
-                    )
-                self.labels[start : start + n] = labels - 1
-                # Rows are channel-major, so a plain reshape gives (n, 3, S, S).
-                self.images[start : start + n] = z["data"].reshape(n, 3, s, s)
+            images, labels = read_npz(f, n, s)
+            self.images[start : start + n], self.labels[start : start + n] = images, labels
             start += n
 
     def __len__(self) -> int:

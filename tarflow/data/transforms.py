@@ -16,6 +16,7 @@ __all__ = [
     "drop_labels",
     "gaussian_noise",
     "image_transform",
+    "resize_crop",
     "uint8_to_signed",
     "uniform_dequantize",
 ]
@@ -51,6 +52,22 @@ class ConvertMode:
         return f"{type(self).__name__}(mode={self.mode!r})"
 
 
+def resize_crop(img_size: int, *, channels: int = 3) -> T.Compose:
+    """The deterministic PIL -> PIL head of :func:`image_transform`: mode, short-side resize to
+    S, centre crop to S x S.
+
+    ``tarflow-prepare`` stores exactly this (as uint8), so a prepared image folder yields the
+    tensors the folder reader would, without decoding a JPEG per item.
+
+    Args:
+        img_size: output side length S.
+        channels: 1 (grayscale) or 3 (RGB).
+    """
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    return T.Compose([ConvertMode(channels), T.Resize(img_size), T.CenterCrop(img_size)])
+
+
 def image_transform(
     img_size: int, *, train: bool, flip: bool = True, channels: int = 3
 ) -> T.Compose:
@@ -66,9 +83,7 @@ def image_transform(
         A callable mapping a PIL image of any mode and size to a float32 tensor (channels, S, S)
         with values in [-1, 1].
     """
-    if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    steps: list = [ConvertMode(channels), T.Resize(img_size), T.CenterCrop(img_size)]
+    steps: list = list(resize_crop(img_size, channels=channels).transforms)
     if train and flip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize([0.5] * channels, [0.5] * channels)]

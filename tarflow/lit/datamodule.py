@@ -98,7 +98,7 @@ class TarFlowDataModule(L.LightningDataModule):
         img_size: image side S.
         channels: image channels C.
         num_classes: class count the config promises (0 = unconditional data); checked in setup.
-        root: data location for on-disk datasets.
+        root: data location for on-disk datasets (also a ``tarflow-prepare`` directory).
         batch_size: batch size per device (global batch = batch_size * devices * num_nodes).
         val_batch_size: per-device validation batch; None = ``batch_size``.
         num_workers: DataLoader worker processes per device.
