@@ -90,8 +90,8 @@ class PrecisionNote:
         dtypes: the low network dtypes asked about (e.g. ["bfloat16"]); empty when none was.
         considered: whether the planner probed them (not when ``net_dtype`` forbids them or the
             model already runs in that dtype).
-        gate: whether a low-precision choice must keep the samples within ``tol`` of full
-            precision (False when ``net_dtype`` forces the dtype: measured, not enforced).
+        gate: whether a low-precision choice must keep ``error <= bound`` (False when
+            ``net_dtype`` forces the dtype: measured, not enforced).
         pass_ratio: per dtype, the seconds of one network pass in it over one in full
             precision: "long" (a Jacobi pass, N - 1 tokens) and "short" (a GS segment, N / 8).
         blocks: the blocks whose fastest candidate ran the low-precision network.
@@ -99,7 +99,10 @@ class PrecisionNote:
             mean(x_ref^2) (the planner's tolerance metric), between the samples of that plan
             and of the same plan in full precision, on the first probe noise; None when no
             block chose a low-precision network.
-        tol: the plan's tolerance, the bound on ``error``.
+        full_error: the same measure between the full-precision plan's samples and the
+            sequential loop's: how far the tolerance alone moves the samples.
+        bound: the largest ``error`` kept, max(tol, full_error).
+        tol: the plan's tolerance.
         kept: whether the final plan runs a low-precision network.
         reason: why it was kept or dropped, in words.
     """
@@ -110,6 +113,8 @@ class PrecisionNote:
     pass_ratio: dict[str, dict[str, float]] = field(default_factory=dict)
     blocks: list[int] = field(default_factory=list)
     error: float | None = None
+    full_error: float | None = None
+    bound: float | None = None
     tol: float = 0.0
     kept: bool = False
     reason: str = ""
@@ -122,8 +127,9 @@ class PrecisionNote:
         ratios = "; ".join(f"{NET_DTYPES.get(d, d)} pass / full-precision pass: Jacobi "
                            f"{r.get('long', math.nan):.2f}x, GS {r.get('short', math.nan):.2f}x"
                            for d, r in self.pass_ratio.items())
-        err = "" if self.error is None else (f"; sample error vs full precision "
-                                             f"{self.error:.1e}, tol {self.tol:.1e}")
+        err = "" if self.error is None else (
+            f"; sample error vs full precision {self.error:.1e}, bound {self.bound:.1e} = "
+            f"max(tol {self.tol:.1e}, full precision vs sequential {self.full_error:.1e})")
         verdict = (f"kept in block(s) {', '.join(map(str, self.blocks))}" if self.kept
                    else "dropped")
         return f"{names}: considered, {verdict}: {self.reason} ({ratios}{err})"

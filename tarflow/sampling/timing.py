@@ -81,7 +81,9 @@ def pass_seconds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, 
         for length, (s, e) in feeds.items():
             fed = guidance.expand(noise[:, s:e]).to(ndtype)
             samples = []
-            for rep in range(3):  # the first call warms up
+            # The first call warms up; the least of four: a stall only ever slows a call, and
+            # the low/full ratio decides whether a low-precision network is timed at all.
+            for rep in range(5):
                 _sync(noise.device)
                 t0 = time.perf_counter()
                 nb.predict(fed, cond=cond, start=s, cache=cache, q_scale=q_scale)

@@ -1,5 +1,5 @@
 """The planner's low-precision decision: bf16 considered by default, kept only where its passes
-are faster and its samples stay within the plan's tolerance of full precision, and the plan says
+are faster and it moves the samples no more than the plan's tolerance does, and the plan says
 why (issue 19 item 4)."""
 
 from __future__ import annotations
@@ -72,18 +72,22 @@ def test_default_auto_considers_bf16_and_keeps_it_where_faster_and_accurate(pass
     assert note.considered and note.kept and note.gate and note.dtypes == ["bfloat16"]
     assert note.pass_ratio["bfloat16"]["long"] == pytest.approx(0.6)
     assert _low_blocks(plan) == sorted(note.blocks) and note.blocks  # what the plan runs
-    # The recorded error is the tolerance metric between this plan and it in full precision.
+    # The recorded errors are the tolerance metric, on the first probe noise, between this plan
+    # and it in full precision, and between that and the sequential loop (the bound).
     model = _model()
     g = torch.Generator().manual_seed(0)
     noise = model.sample_noise(2, generator=g, dtype=torch.float32)
     y = torch.randint(3, (2,), generator=g)
     low = sample(model, noise, y, plan.schedule, guidance=1.0)[0]
-    ref = sample(model, noise, y, plan.schedule.with_settings(net_dtype=None), guidance=1.0)[0]
-    assert note.error == pytest.approx(float(relative_residual(ref, low).max()), rel=1e-3)
-    assert 0 < note.error <= 1e-2
+    full = sample(model, noise, y, plan.schedule.with_settings(net_dtype=None), guidance=1.0)[0]
+    exact = sample(model, noise, y, guidance=1.0)[0]
+    assert note.error == pytest.approx(float(relative_residual(full, low).max()), rel=1e-3)
+    assert note.full_error == pytest.approx(float(relative_residual(exact, full).max()),
+                                            rel=1e-3)
+    assert note.bound == max(1e-2, note.full_error) and 0 < note.error <= note.bound
     line = plan.table().splitlines()[1]
     assert line.startswith("bf16: considered, kept in block(s)") and "0.60x" in line
-    assert f"{note.error:.1e}" in line
+    assert f"{note.error:.1e}" in line and f"{note.full_error:.1e}" in line
 
 
 def test_a_bf16_pass_that_is_not_faster_is_never_timed_and_the_plan_says_so(pass_ratio):
@@ -98,21 +102,25 @@ def test_a_bf16_pass_that_is_not_faster_is_never_timed_and_the_plan_says_so(pass
 
 def test_an_inaccurate_bf16_plan_is_dropped_and_planned_again_in_full_precision(pass_ratio):
     pass_ratio["value"] = 0.6
-    plan, timer = _plan({"tol": 1e-5})  # bf16 rounding alone is above this (~6e-5)
+    # At tol = 0 the full-precision plan is exact (to rounding); bf16 rounding is not.
+    plan, timer = _plan({"tol": 0.0})
     note = plan.precision
-    assert note.considered and not note.kept and note.blocks and note.error > 1e-5
+    assert note.considered and not note.kept and note.blocks and note.full_error < 1e-9
+    assert note.error > 1e-6 and note.bound == note.full_error
     assert "too inaccurate" in note.reason and f"{note.error:.1e}" in note.reason
     assert not _low_blocks(plan)  # the final schedule runs no bf16 network ...
     assert all(c.label.find("bf16") < 0 for bp in plan.blocks for c in bp.candidates)
     assert any(c.net_dtype for c in timer.seen)  # ... though bf16 was timed first
 
 
-def test_an_injected_accuracy_measure_decides(pass_ratio, monkeypatch):
+@pytest.mark.parametrize(("errors", "kept"), [((0.5, 0.1), False), ((0.05, 0.1), True),
+                                              ((0.05, 0.0), False), ((0.03, 0.0), True)])
+def test_the_bound_is_tol_or_the_full_precision_plans_own_error(pass_ratio, monkeypatch,
+                                                                 errors, kept):
     pass_ratio["value"] = 0.6
-    monkeypatch.setattr(planner_module, "sample_error", lambda *a: 0.5)
-    assert not _plan({"tol": 0.4})[0].precision.kept
-    monkeypatch.setattr(planner_module, "sample_error", lambda *a: 0.3)
-    assert _plan({"tol": 0.4})[0].precision.kept
+    monkeypatch.setattr(planner_module, "precision_errors", lambda *a: errors)
+    note = _plan({"tol": 0.04})[0].precision
+    assert note.kept == kept and note.bound == max(0.04, errors[1])
 
 
 def test_net_dtype_float32_never_considers_bf16(pass_ratio):
@@ -126,10 +134,10 @@ def test_net_dtype_float32_never_considers_bf16(pass_ratio):
 
 def test_net_dtype_bfloat16_forces_it_without_the_accuracy_check(pass_ratio):
     pass_ratio["value"] = 0.6
-    plan, _ = _plan({"tol": 1e-5, "net_dtype": "bf16"})
+    plan, _ = _plan({"tol": 0.0, "net_dtype": "bf16"})
     note = plan.precision
-    assert note.kept and not note.gate and _low_blocks(plan) and note.error > 1e-5
-    assert "forced by net_dtype" in note.reason and "ABOVE tol" in note.reason
+    assert note.kept and not note.gate and _low_blocks(plan) and note.error > note.bound
+    assert "forced by net_dtype" in note.reason and "ABOVE the bound" in note.reason
 
 
 def test_a_model_already_in_bf16_does_not_consider_it(pass_ratio):
