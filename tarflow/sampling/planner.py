@@ -16,14 +16,12 @@ and keeps the fastest:
   tried on the first block sampled, the faster variant kept for the rest);
 - each Jacobi structure also with a low-precision network where the caller allows one and a
   short probe of single network passes shows it is faster at that segment length. A plan that
-  ends up running one is kept only if, on the probe noise, it moves the samples from those of
-  the same plan in full precision by no more than the tolerance itself moves them: at most
-  max(tol, the full-precision plan's distance from the sequential loop), both in the stopping
-  test's metric. (Against tol alone it would fail wherever a flow amplifies the per-block
-  tolerance: on the demo model at tol 3e-3 the full-precision plan's worst sample already lies
-  0.1-0.26 from the sequential one.) Otherwise the blocks are planned again in full precision.
-  ``Plan.precision`` records what was considered, the measured pass ratio, both errors, and
-  why the low precision was kept or dropped.
+  runs one is kept only if it moves the probe samples from the same plan's in full precision
+  by at most max(tol, that full-precision plan's distance from the sequential loop), both in
+  the stopping test's metric: bf16 may cost no more accuracy than the tolerance already does
+  (tol alone fails wherever the flow amplifies the per-block tolerance: 0.1-0.26 for the worst
+  sample of a half-trained demo model). Otherwise the blocks are planned again in full
+  precision. ``Plan.precision`` records the decision, its measurements and its reason.
 
 All candidates stop at the same tolerance, so they are equally accurate. Each block is fed the
 output of the previous block's fastest candidate (what it will see when sampling). Later probe
