@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "tough blocks' segment count timed), 'plain:J' (the GS-Jacobi authors' loop: J full "
         "passes per block, no stopping test), the paper's notation such as '[3-8-32-10]' or the "
         "explicit form '{3:S4/zeros, else:S1}'. A suffix '@bf16' runs that method's Jacobi "
-        "iterations with a bfloat16 network (for 'auto': lets the planner use one where it "
-        "measures faster); iterates and stopping test keep --dtype. "
+        "iterations with a bfloat16 network; iterates and stopping test keep --dtype. 'auto' "
+        "considers a bf16 network by default and keeps it only where a pass measures faster "
+        "and the samples stay within --tol of fp32 (its printed plan says why); 'auto@bf16' "
+        "forces it wherever faster (error printed, not enforced), 'auto@fp32' never uses it. "
         "Example: tarflow-bench last.ckpt --data demo --batch 1 4 16 --methods jacobi auto")
     add_model_args(p)
     add_data_args(p)

@@ -12,12 +12,17 @@ Two kinds of key. With fixed weights (the CLIs) the key holds a fingerprint of t
 hit is the same model on the same device, batch and settings. During training the weights change
 every round, so the key holds the architecture instead and the plan stores the CRM shares it was
 made under; :func:`ranking_moved` says when the blocks' difficulty has moved enough to re-plan.
+
+A plan also records its low-precision decision (:class:`PrecisionNote`): whether a bf16 network
+was considered, the measured pass-time ratio, the measured error of its samples against the same
+plan in full precision, and why it was kept or dropped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -29,9 +34,16 @@ from typing import Any
 import torch
 
 from tarflow.model import Guidance, TarFlow
-from tarflow.sampling.schedule import SamplingSchedule, format_schedule, parse_schedule
+from tarflow.sampling.schedule import (
+    NET_DTYPES,
+    SamplingSchedule,
+    format_schedule,
+    parse_schedule,
+)
 
-PLAN_VERSION = 1
+# 2: plans record their low-precision decision (PrecisionNote); a plan of version 1 was made
+# under other net_dtype semantics (never bf16 by default) and is re-planned, never reused.
+PLAN_VERSION = 2
 
 
 @dataclass
@@ -71,6 +83,59 @@ class Candidate:
 
 
 @dataclass
+class PrecisionNote:
+    """Whether a plan considered a low-precision network, and why it was kept or dropped.
+
+    Attributes:
+        dtypes: the low network dtypes asked about (e.g. ["bfloat16"]); empty when none was.
+        considered: whether the planner probed them (not when ``net_dtype`` forbids them or the
+            model already runs in that dtype).
+        gate: whether a low-precision choice must keep ``error <= bound`` (False when
+            ``net_dtype`` forces the dtype: measured, not enforced).
+        pass_ratio: per dtype, the seconds of one network pass in it over one in full
+            precision: "long" (a Jacobi pass, N - 1 tokens) and "short" (a GS segment, N / 8).
+        blocks: the blocks whose fastest candidate ran the low-precision network.
+        error: the largest per-sample relative squared difference, mean((x - x_ref)^2) /
+            mean(x_ref^2) (the planner's tolerance metric), between the samples of that plan
+            and of the same plan in full precision, on the first probe noise; None when no
+            block chose a low-precision network.
+        full_error: the same measure between the full-precision plan's samples and the
+            sequential loop's: how far the tolerance alone moves the samples.
+        bound: the largest ``error`` kept, max(tol, full_error).
+        tol: the plan's tolerance.
+        kept: whether the final plan runs a low-precision network.
+        reason: why it was kept or dropped, in words.
+    """
+
+    dtypes: list[str] = field(default_factory=list)
+    considered: bool = False
+    gate: bool = True
+    pass_ratio: dict[str, dict[str, float]] = field(default_factory=dict)
+    blocks: list[int] = field(default_factory=list)
+    error: float | None = None
+    full_error: float | None = None
+    bound: float | None = None
+    tol: float = 0.0
+    kept: bool = False
+    reason: str = ""
+
+    def describe(self) -> str:
+        """One line: "bf16: considered, kept in blocks 3, 1: ..." or why not."""
+        names = "/".join(NET_DTYPES.get(d, d) for d in self.dtypes) or "low precision"
+        if not self.considered:
+            return f"{names}: not considered ({self.reason})"
+        ratios = "; ".join(f"{NET_DTYPES.get(d, d)} pass / full-precision pass: Jacobi "
+                           f"{r.get('long', math.nan):.2f}x, GS {r.get('short', math.nan):.2f}x"
+                           for d, r in self.pass_ratio.items())
+        err = "" if self.error is None else (
+            f"; sample error vs full precision {self.error:.1e}, bound {self.bound:.1e} = "
+            f"max(tol {self.tol:.1e}, full precision vs sequential {self.full_error:.1e})")
+        verdict = (f"kept in block(s) {', '.join(map(str, self.blocks))}" if self.kept
+                   else "dropped")
+        return f"{names}: considered, {verdict}: {self.reason} ({ratios}{err})"
+
+
+@dataclass
 class BlockPlan:
     """The planner's decision for one (forward) block and the candidates behind it."""
 
@@ -96,6 +161,7 @@ class Plan:
         key: what decided the plan (:func:`plan_key`).
         shares: CRM share per block (percent) of the ranking the plan was made under.
         source: "planned" or "cache".
+        precision: the low-precision decision (:class:`PrecisionNote`).
     """
 
     schedule: SamplingSchedule
@@ -107,6 +173,7 @@ class Plan:
     key: dict[str, Any] = field(default_factory=dict)
     shares: dict[int, float] | None = None
     source: str = "planned"
+    precision: PrecisionNote = field(default_factory=PrecisionNote)
 
     @property
     def predicted_speedup(self) -> float:
@@ -132,7 +199,8 @@ class Plan:
 
     def table(self) -> str:
         """Plain text: per block (sampling order) the choice and every candidate's cost."""
-        lines = [self.summary(), f"{'block':>5}  {'choice':<16} candidates (median per call)"]
+        lines = [self.summary(), self.precision.describe(),
+                 f"{'block':>5}  {'choice':<16} candidates (median per call)"]
         for bp in sorted(self.blocks, key=lambda bp: -bp.block):
             cands = ", ".join(f"{c.label} {c.describe()}" for c in bp.candidates)
             lines.append(f"{bp.block:>5}  {bp.choice:<16} {cands}")
@@ -146,7 +214,8 @@ class Plan:
                 "sequential_complete": self.sequential_complete,
                 "planning_seconds": self.planning_seconds, "key": self.key,
                 "shares": None if self.shares is None else {str(b): v
-                                                            for b, v in self.shares.items()}}
+                                                            for b, v in self.shares.items()},
+                "precision": asdict(self.precision)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "cache") -> Plan:
@@ -159,7 +228,7 @@ class Plan:
                    float(d["sequential_seconds"]), bool(d.get("sequential_complete", True)),
                    float(d.get("planning_seconds", 0.0)), dict(d.get("key") or {}),
                    None if shares is None else {int(b): float(v) for b, v in shares.items()},
-                   source)
+                   source, PrecisionNote(**d["precision"]))
 
 
 # ------------------------------------------------------------------------------- keys
@@ -191,16 +260,20 @@ def fingerprint(model: TarFlow) -> str:
 
 
 def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
-             net_dtypes: tuple[str, ...] = (), weights: bool = True) -> dict[str, Any]:
+             net_dtypes: tuple[str, ...] = (), precision_gate: bool = True,
+             weights: bool = True) -> dict[str, Any]:
     """What decides a plan. ``weights=False`` keys on the architecture only (training, where a
-    plan is reused until :func:`ranking_moved` says otherwise)."""
+    plan is reused until :func:`ranking_moved` says otherwise). ``net_dtypes`` and
+    ``precision_gate`` are :func:`plan_schedule`'s: the same dtypes with and without the
+    accuracy check may choose differently."""
     param = next(model.parameters())
     cfg = model.config
     return {"model": f"weights:{fingerprint(model)}" if weights else f"config:{cfg.tag}",
             "img": [cfg.img_size, cfg.in_channels, cfg.num_classes],
             "device": device_name(param.device), "batch": int(batch_size),
             "dtype": str(param.dtype).removeprefix("torch."),
-            "net_dtypes": sorted(net_dtypes), "tol": float(tol),
+            "net_dtypes": sorted(net_dtypes), "precision_gate": bool(precision_gate),
+            "tol": float(tol), "version": PLAN_VERSION,
             "guidance": [guidance.scale, guidance.attn_temp, guidance.annealed],
             "torch": torch.__version__}
 

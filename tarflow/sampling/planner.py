@@ -15,7 +15,13 @@ and keeps the fastest:
 - Jacobi also without freezing (whole causal passes and no K/V cache instead of the frontier;
   tried on the first block sampled, the faster variant kept for the rest);
 - each Jacobi structure also with a low-precision network where the caller allows one and a
-  short probe of single network passes shows it is faster at that segment length.
+  short probe of single network passes shows it is faster at that segment length. A plan that
+  runs one is kept only if it moves the probe samples from the same plan's in full precision
+  by at most max(tol, that full-precision plan's distance from the sequential loop), both in
+  the stopping test's metric: bf16 may cost no more accuracy than the tolerance already does
+  (tol alone fails wherever the flow amplifies the per-block tolerance: 0.1-0.26 for the worst
+  sample of a half-trained demo model). Otherwise the blocks are planned again in full
+  precision. ``Plan.precision`` records the decision, its measurements and its reason.
 
 All candidates stop at the same tolerance, so they are equally accurate. Each block is fed the
 output of the previous block's fastest candidate (what it will see when sampling). Later probe
@@ -49,11 +55,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from tarflow.model import Guidance, TarFlow
-from tarflow.sampling.plan import BlockPlan, Candidate, Plan
+from tarflow.sampling.plan import BlockPlan, Candidate, Plan, PrecisionNote
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.ranking import BlockRank
-from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule, format_block
-from tarflow.sampling.timing import pass_seconds, test_seconds, time_candidate
+from tarflow.sampling.sample import precision_errors
+from tarflow.sampling.schedule import (
+    SEQUENTIAL,
+    BlockSchedule,
+    SamplingSchedule,
+    format_block,
+)
+from tarflow.sampling.timing import pass_seconds, time_candidate, with_test_interval
 
 # timer(block, candidate, measured seconds) -> seconds to use. Tests inject costs through it.
 Timer = Callable[[int, BlockSchedule, float], float]
@@ -92,8 +104,8 @@ class PlannerOptions:
 @torch.no_grad()
 def plan_schedule(model: TarFlow, ranking: list[BlockRank] | None, *, batch_size: int,
                   tol: float, guidance: Guidance = Guidance(), net_dtypes: tuple[str, ...] = (),
-                  seed: int = 0, options: PlannerOptions = PlannerOptions(),
-                  timer: Timer | None = None) -> Plan:
+                  precision_gate: bool = True, seed: int = 0,
+                  options: PlannerOptions = PlannerOptions(), timer: Timer | None = None) -> Plan:
     """Measure and return the fastest per-block schedule for this model, device and batch.
 
     Args:
@@ -103,20 +115,47 @@ def plan_schedule(model: TarFlow, ranking: list[BlockRank] | None, *, batch_size
         batch_size: the sampling batch (timing depends on it).
         tol: stopping tolerance of every Jacobi candidate (the plan's accuracy).
         guidance: the guidance that will be used (it doubles the network batch).
-        net_dtypes: low-precision network dtypes the caller allows (e.g. ("bfloat16",)).
+        net_dtypes: low-precision network dtypes the planner may consider (e.g. ("bfloat16",)).
+        precision_gate: keep a plan that runs a low-precision network only if its samples on
+            the probe noise stay within max(tol, the full-precision plan's error) of the same
+            plan in full precision (see the module docstring; else plan again without it).
+            False: the caller forces the dtype; the errors are still measured.
         seed: seed of the probe noise and labels.
         options: search knobs (:class:`PlannerOptions`).
         timer: replaces each measured time (tests inject costs); it also disables stopping
             over-budget candidates, which relies on the wall clock.
 
     Returns:
-        A :class:`Plan` (schedule, per-block candidates and costs, planning time).
+        A :class:`Plan` (schedule, per-block candidates and costs, planning time, and the
+        low-precision decision in ``plan.precision``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     guidance.check(model.config.conditional)
-    return _Planner(model, ranking, batch_size, tol, guidance, net_dtypes, seed, options,
-                    timer).run()
+    t_start = time.perf_counter()
+    planner = _Planner(model, ranking, batch_size, tol, guidance, net_dtypes, seed, options,
+                       timer)
+    plan = planner.run()
+    note = planner.precision_note(plan, net_dtypes)
+    note.gate = precision_gate
+    if note.blocks:  # the fastest plan runs a low-precision network: how far off are samples?
+        noise, y = planner.inputs(0)
+        note.error, note.full_error = precision_errors(model, noise, y, plan.schedule, guidance)
+        note.bound = max(tol, note.full_error)
+        within = note.error <= note.bound
+        if precision_gate and not within:
+            note.reason = (f"too inaccurate (sample error {note.error:.1e} > bound "
+                           f"{note.bound:.1e}): planned again in full precision")
+            plan = _Planner(model, ranking, batch_size, tol, guidance, (), seed, options,
+                            timer).run()
+        else:
+            note.kept = True
+            note.reason = ("faster, and the samples within bound" if precision_gate
+                           else "forced by net_dtype (accuracy measured, not enforced"
+                           + ("" if within else ": ABOVE the bound") + ")")
+    plan.precision = note
+    plan.planning_seconds = time.perf_counter() - t_start
+    return plan
 
 
 class _Planner:
@@ -140,6 +179,7 @@ class _Planner:
         self.settings: dict[int, dict[str, BlockSchedule]] = {b: {} for b in range(self.T)}
         self.pass_cost: dict[tuple[str | None, str], float] = {}
         self.freeze_pref: bool | None = None  # Jacobi with freezing beat without, on block T-1
+        self.timed_low: set[str] = set()  # low dtypes some candidate was timed in
 
     # ------------------------------------------------------------------------- the search
     def run(self) -> Plan:
@@ -215,6 +255,8 @@ class _Planner:
         budget = (None if self.timer is not None or math.isinf(self.best)
                   else self.opt.margin * self.best)
         net = self.nets.get(cand.net_dtype)
+        if net is not None:
+            self.timed_low.add(cand.net_dtype)
         seconds, out, iters = time_candidate(block, x, y, cand, self.guidance,
                                              None if net is None else net.blocks[b], budget)
         if self.timer is not None:
@@ -317,11 +359,39 @@ class _Planner:
         return format_block(cand, self.tol)
 
     # ------------------------------------------------------------------------- the result
+    def precision_note(self, plan: Plan, asked: tuple[str, ...]) -> PrecisionNote:
+        """What this run did with the low-precision dtypes ``asked`` for (before the
+        accuracy check of :func:`plan_schedule`)."""
+        names = list(dict.fromkeys(n for n in map(dtype_name, asked) if n is not None))
+        note = PrecisionNote(names, tol=self.tol)
+        if not names:
+            note.reason = "not allowed by net_dtype"
+            return note
+        if not self.low:
+            note.reason = f"the model already runs in {dtype_name(self.dtype)}"
+            return note
+        note.considered = True
+        note.pass_ratio = {d: {f: self.pass_cost[(d, f)] / self.pass_cost[(None, f)]
+                               for f in ("long", "short")} for d in self.low}
+        N = self.N
+        note.blocks = sorted((bp.block for bp in plan.blocks if bp.choice != "identity"
+                              and not plan.schedule.for_block(bp.block).is_sequential(N)
+                              and plan.schedule.for_block(bp.block).net_dtype in self.low),
+                             reverse=True)
+        if not self.timed_low:
+            note.reason = (f"a pass is not faster on this device (needs <= "
+                           f"{self.opt.dtype_gain:.2f}x of full precision): plan stays in "
+                           f"{dtype_name(self.dtype)}")
+        elif not note.blocks:
+            note.reason = (f"timed, but no block was faster with it: plan stays in "
+                           f"{dtype_name(self.dtype)}")
+        return note
+
     def plan(self, choice: dict[int, str], noise: torch.Tensor) -> Plan:
         chosen = {b: self.settings[b][label] for b, label in choice.items()}
         predicted = sum(self.table[b][label].cost for b, label in choice.items())
-        chosen = _with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
-                                     noise, self.tol, self.opt.max_check_every)
+        chosen = with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
+                                    noise, self.tol, self.opt.max_check_every)
         blocks = [BlockPlan(b, "identity" if choice[b] == "identity" else self.label(chosen[b]),
                             list(self.table[b].values())) for b in range(self.T)]
         seq = [self.table[b].get("seq") for b in range(self.T) if "identity" not in self.table[b]]
@@ -337,26 +407,3 @@ def _as_schedule(chosen: dict[int, BlockSchedule]) -> SamplingSchedule:
     settings = list(chosen.values())
     default = max(settings, key=settings.count)
     return SamplingSchedule({b: s for b, s in chosen.items() if s != default}, default)
-
-
-def _with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candidate],
-                        noise: torch.Tensor, tol: float, max_every: int
-                        ) -> dict[int, BlockSchedule]:
-    """Set each Jacobi block's ``check_every`` from its measured pass and test costs."""
-    if tol <= 0:
-        return chosen  # at tol = 0 only the cap is tested anyway
-    N = noise.shape[1]
-    out = {}
-    for b, s in chosen.items():
-        entry = timed[b]
-        if s.is_sequential(N) or entry.iters <= 0:
-            out[b] = s
-            continue
-        S = len(s.boundaries(N)) - 1
-        L = max(1, N // S)
-        t_pass = entry.cost / entry.iters
-        t_test = test_seconds(noise[:, :L], tol)
-        per_segment = entry.iters / S
-        k = round(math.sqrt(2 * per_segment * t_test / max(t_pass, 1e-12)))
-        out[b] = replace(s, check_every=max(1, min(max_every, k)))
-    return out

@@ -1,15 +1,19 @@
 """Timing for the planner: one candidate on one block (stopped past a budget), single network
-passes, and a convergence test, each on the device and batch that will sample."""
+passes, and a convergence test, each on the device and batch that will sample; and the
+convergence-test interval that follows from them."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
 from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.jacobi import convergence_test, gs_jacobi_block
+from tarflow.sampling.plan import Candidate
 from tarflow.sampling.sample import _sync
 from tarflow.sampling.schedule import BlockSchedule
 
@@ -77,7 +81,9 @@ def pass_seconds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, 
         for length, (s, e) in feeds.items():
             fed = guidance.expand(noise[:, s:e]).to(ndtype)
             samples = []
-            for rep in range(3):  # the first call warms up
+            # The first call warms up; the least of four: a stall only ever slows a call, and
+            # the low/full ratio decides whether a low-precision network is timed at all.
+            for rep in range(5):
                 _sync(noise.device)
                 t0 = time.perf_counter()
                 nb.predict(fed, cond=cond, start=s, cache=cache, q_scale=q_scale)
@@ -98,3 +104,26 @@ def test_seconds(segment: torch.Tensor, tol: float) -> float:
         convergence_test(delta, segment, tol, True)
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def with_test_interval(chosen: dict[int, BlockSchedule], timed: dict[int, Candidate],
+                       noise: torch.Tensor, tol: float, max_every: int
+                       ) -> dict[int, BlockSchedule]:
+    """Set each Jacobi block's ``check_every`` from its measured pass and test costs."""
+    if tol <= 0:
+        return chosen  # at tol = 0 only the cap is tested anyway
+    N = noise.shape[1]
+    out = {}
+    for b, s in chosen.items():
+        entry = timed[b]
+        if s.is_sequential(N) or entry.iters <= 0:
+            out[b] = s
+            continue
+        S = len(s.boundaries(N)) - 1
+        L = max(1, N // S)
+        t_pass = entry.cost / entry.iters
+        t_test = test_seconds(noise[:, :L], tol)
+        per_segment = entry.iters / S
+        k = round(math.sqrt(2 * per_segment * t_test / max(t_pass, 1e-12)))
+        out[b] = replace(s, check_every=max(1, min(max_every, k)))
+    return out

@@ -62,6 +62,8 @@ BAD = {
                                   ["label=7 is outside the model's classes 0...2"]),
     "sample-guidance-on-uncond": ("sample", "uncond", ["sampler.guidance=2.0"],
                                   ["guidance on an unconditional model"]),
+    "sample-net-dtype": ("sample", "uncond", ["sampler=gs_jacobi_auto", "sampler.net_dtype=bf61"],
+                         ["unknown net_dtype 'bf61'", "use auto", "float32", "bfloat16"]),
     "sample-plus-model": ("sample", "uncond", ["+model=tiny"], ["tarflow-sample has no model"]),
     "sample-garbage": ("sample", "garbage", [], ["not a readable checkpoint"]),
     "eval-negative-tol": ("eval", "uncond", ["sampler=jacobi", "sampler.tol=-1"],

@@ -1,4 +1,5 @@
-"""Sampler settings from a plain dict: a ``tarflow/conf/sampler/*.yaml`` after ``OmegaConf.to_container``.
+"""Sampler settings from a plain dict: a ``tarflow/conf/sampler/*.yaml`` after
+``OmegaConf.to_container``.
 
 The same sampler files drive validation sampling, ``tarflow-sample``, ``tarflow-eval`` and the
 benchmarks, so the translation into ring-1 objects lives in one place. This module imports neither
@@ -10,6 +11,17 @@ guidance_rule, denoise, check_every, net_dtype, auto, planner``; ``schedule`` is
 form, an explicit per-block dict, "auto" (the planner: measured on the device and batch at run
 time, with a CRM/IGM ranking as its prior) or "auto:paper" (the paper's fixed rule applied to
 the ranking).
+
+``net_dtype`` says which network precision sampling may use for Jacobi passes:
+
+- ``auto`` (the default; also null or unset): ``schedule: auto`` lets the planner consider a
+  bfloat16 network, kept only where a pass measures faster and the samples stay within ``tol``
+  of full precision (the plan says which and why); other schedules run in full precision.
+- ``float32`` (or ``float64``): never a low-precision network; fixed schedules run it in that
+  dtype, the planner considers none.
+- ``bfloat16`` / ``float16``: fixed schedules run every Jacobi block's network in it; the
+  planner uses it wherever it measures faster, without the accuracy check (forced; the error
+  is still measured and printed).
 """
 
 from __future__ import annotations
@@ -36,6 +48,9 @@ from tarflow.sampling.precision import dtype_name
 
 AUTO = "auto"  # the planner
 PAPER = "auto:paper"  # the paper's fixed CRM/IGM rule
+# net_dtype: "auto" lets the planner consider these, behind its accuracy check.
+AUTO_NET_DTYPES = ("bfloat16",)
+FULL_PRECISION = ("float32", "float64")
 # Keys of the `auto` sub-dict, i.e. keyword arguments of schedule_from_ranking besides tol.
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
 PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
@@ -61,8 +76,8 @@ class SamplerSettings:
         init: default initial guess.
         auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``), used by
             ``auto:paper``; its ``tough_factor`` is also the planner's prior.
-        net_dtype: a low-precision network dtype: fixed schedules run every Jacobi block in it;
-            the planner may use it where it measures faster (None: never).
+        net_dtype: "auto", or a dtype name (see the module docstring): which network precision
+            the planner may consider and fixed schedules run.
         planner: keyword arguments for :class:`PlannerOptions`.
         check_every: convergence-test interval of fixed and ``auto:paper`` schedules (None: the
             schedule's; the planner chooses its own).
@@ -74,7 +89,7 @@ class SamplerSettings:
     tol: float = 0.0
     init: str = "z"
     auto: dict[str, Any] = field(default_factory=dict)
-    net_dtype: str | None = None
+    net_dtype: str = AUTO
     planner: dict[str, Any] = field(default_factory=dict)
     check_every: int | None = None
 
@@ -108,7 +123,21 @@ class SamplerSettings:
             raise ValueError(f"sampler {self.name!r} uses schedule {self.schedule!r}, which "
                              f"needs a CRM/IGM ranking of the model's blocks on real images")
         schedule = schedule_from_ranking(ranking, num_patches, tol=self.tol, **self.auto)
-        return _with_options(schedule, self.check_every, self.net_dtype)
+        return _with_options(schedule, self.check_every, self.fixed_net_dtype)
+
+    @property
+    def fixed_net_dtype(self) -> str | None:
+        """The network dtype of fixed schedules (None: the model's own)."""
+        return None if self.net_dtype == AUTO else self.net_dtype
+
+    @property
+    def planner_net_dtypes(self) -> tuple[tuple[str, ...], bool]:
+        """(low-precision dtypes the planner may consider, whether behind its accuracy check)."""
+        if self.net_dtype == AUTO:
+            return AUTO_NET_DTYPES, True
+        if self.net_dtype in FULL_PRECISION:
+            return (), True
+        return (self.net_dtype,), False
 
     def schedule_for(self, net: TarFlow, ranking: list[BlockRank] | None, batch_size: int, *,
                      cache: PlanCache | None = None, weights: bool = True, seed: int = 0,
@@ -127,7 +156,7 @@ class SamplerSettings:
         """
         if not self.is_planned:
             return self.resolve(ranking, net.config.num_patches), None
-        allowed = (self.net_dtype,) if self.net_dtype else ()
+        allowed, gate = self.planner_net_dtypes
         key = self.plan_key(net, batch_size, weights=weights)
         shares = {r.block: r.share for r in ranking} if ranking else None
         plan = cache.get(key) if cache is not None else None
@@ -135,8 +164,8 @@ class SamplerSettings:
         if plan is None or ranking_moved(plan.shares, shares, tough_factor=tough):
             options = PlannerOptions(**{"tough_factor": tough, **self.planner})
             plan = plan_schedule(net, ranking, batch_size=batch_size, tol=self.tol,
-                                 guidance=self.guidance, net_dtypes=allowed, seed=seed,
-                                 options=options, timer=timer)
+                                 guidance=self.guidance, net_dtypes=allowed,
+                                 precision_gate=gate, seed=seed, options=options, timer=timer)
             plan.key = key
             if cache is not None:
                 cache.put(plan)
@@ -145,8 +174,9 @@ class SamplerSettings:
     def plan_key(self, net: TarFlow, batch_size: int, *, weights: bool = True) -> dict[str, Any]:
         """The cache key of this sampler's plans for ``net`` at ``batch_size`` (the planner's
         own knobs included: other knobs may choose otherwise)."""
+        allowed, gate = self.planner_net_dtypes
         key = plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
-                       net_dtypes=(self.net_dtype,) if self.net_dtype else (), weights=weights)
+                       net_dtypes=allowed, precision_gate=gate, weights=weights)
         tough = {"tough_factor": float(self.auto.get("tough_factor", 1.5))}
         return {**key, "planner": {**tough, **{k: list(v) if isinstance(v, tuple) else v
                                                for k, v in sorted(self.planner.items())}}}
@@ -179,14 +209,14 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
     tol = float(cfg.get("tol") or 0.0)
     init = str(cfg.get("init") or "z")
     # Validated now (a typo fails at start-up) and kept as a plain, serialisable string.
-    net_dtype = dtype_name(cfg.get("net_dtype"))
+    net_dtype = parse_net_dtype(cfg.get("net_dtype"))
     check_every = cfg.get("check_every")
     spec = cfg.get("schedule", "sequential")
     if isinstance(spec, str) and spec.strip().lower() in (AUTO, PAPER):
         schedule: SamplingSchedule | str = spec.strip().lower()
     else:
         schedule = _with_options(build_schedule(spec, init=init, tol=tol), check_every,
-                                 net_dtype)
+                                 None if net_dtype == AUTO else net_dtype)
     knobs = {
         "guidance": float(cfg.get("guidance") or 0.0),
         "attn_temp": float(cfg.get("attn_temp", 1.0) or 1.0),
@@ -198,6 +228,25 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,
                            None if check_every is None else int(check_every))
+
+
+def parse_net_dtype(value: Any) -> str:
+    """``net_dtype`` of a sampler config: "auto" (also None, "none", "") or a canonical dtype
+    name ("bfloat16", "float32", ...; aliases such as bf16 accepted).
+
+    Raises:
+        ValueError: one line naming the accepted values.
+    """
+    if value is None or str(value).strip().lower() in (AUTO, "", "none", "null"):
+        return AUTO
+    try:
+        name = dtype_name(str(value).strip())
+    except ValueError:
+        name = None
+    if name is None:
+        raise ValueError(f"unknown net_dtype {value!r}: use auto (the planner considers "
+                         f"bfloat16), float32 (never low precision), bfloat16 or float16")
+    return name
 
 
 def _with_options(schedule: SamplingSchedule, check_every: int | None,
