@@ -182,7 +182,9 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     mu, sigma = features.mean_cov()
     ref_mu, ref_sigma = reference.mean_cov()
     return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-            **summary_of(settings, schedule, tally, plan), "fid_stats_path": stats_path,
+            **summary_of(settings, schedule, tally, plan),
+            # The file read: named for the images it holds when fewer exist than asked for.
+            "fid_stats_path": reference.meta.get("path", stats_path),
             "fid_reference": reference_provenance(reference),
             "reference_seconds": ref_seconds, "feature_seconds": feature_seconds,
             **({"decode_seconds": decode_seconds} if space.latent else {})}
