@@ -50,6 +50,7 @@ from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import held_file_log, job_log
 from tarflow.cli.runs import Resume, config_changes, describe_changes, resume_argv, save_records
 from tarflow.cli.startup import describe_processes, probe_trainer
+from tarflow.cli.train_sweep import name_sweep_job, write_result
 from tarflow.conf import CONFIG_DIR
 from tarflow.lit.callbacks.epoch_log import EpochLog
 from tarflow.lit.callbacks.plots import image_grid
@@ -370,7 +371,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             _record_run(cfg, resume)
             release()
 
+        name_sweep_job(cfg)  # --multirun: the W&B group is the sweep, the name its values
         result = train(cfg, on_start=start)
+        write_result(result, result["output_dir"])  # the sweep summary's row
         print(f"run dir: {result['output_dir']}")
         print(f"last checkpoint: {result['last_ckpt']}")
         metrics = result["metrics"]
