@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from tarflow.cli.config_types import check_job_types
 from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records
@@ -173,6 +174,7 @@ def progress_bar(iterable, total: int, enabled: bool, desc: str):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images and write them; returns the summary dict (plus
     ``out_dir``, and the written ``npz`` / ``grid`` paths)."""
+    check_job_types(cfg)  # num_samples=abc: one line naming the key
     checked = check_sample_config(cfg)
     fmt = str(cfg.get("format", "png"))
     save_records(cfg)
