@@ -5,8 +5,9 @@ The commands report their results with ``print`` (a plain line on the console th
 read); Hydra's log file only receives ``logging`` records, so ``sample.log`` and
 ``evaluate.log`` stayed empty. :func:`job_log` copies every printed line into the log file(s)
 while the console output stays exactly as it was, and so every Python warning shown (the data
-readers warn about an unreadable image with ``warnings.warn``: ring 1 does not log). Lines that a progress bar rewrites in place
-(anything containing a carriage return) are not copied: the log gets results, not bar frames.
+readers warn about an unreadable image with ``warnings.warn``: ring 1 does not log). Lines that
+a progress bar rewrites in place (anything containing a carriage return) are not copied: the log
+gets results, not bar frames.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Lightning refuses some settings only when the ``Trainer`` is built (``trainer.max_epochs=-3``,
 ``accelerator: gpu`` on a machine without one, ``devices`` it cannot use). The real Trainer is
 built after the run's records and its W&B run exist (its loggers start W&B), so
-:func:`probe_trainer` builds the configured Trainer once beforehand, with its callbacks but without loggers,
-and turns its refusal into the usual one line; it also returns what will run, which
-:func:`describe_processes` says in one line (processes x data workers vs the cores here).
+:func:`probe_trainer` builds the configured Trainer once beforehand, with its callbacks but
+without loggers, and turns its refusal into the usual one line; it also returns what will run,
+which :func:`describe_processes` says in one line (processes x data workers vs the cores here).
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from tarflow.cli import train
 from tests.integration.conftest import compose_train
 from tests.reliability.helpers import (
     QUIET_HYDRA,
-    TINY,
     assert_one_line_error,
     call_main,
     run_cli,
