@@ -198,7 +198,6 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns the results dict (also written to ``eval.json``)."""
-    check_job_types(cfg)  # fid.num_samples=abc: one line naming the key
     # By default FID samples as validation did (the checkpoint records its sampler).
     sampling = choose_sampler(cfg, _task_overrides()) if cfg.fid.enabled else None
     checked = check_eval_config(cfg)  # also fills in cfg.data from the checkpoint's record
@@ -254,6 +253,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     """Returns the ``optimized_metric`` for Hydra sweepers."""
     # A bad config or checkpoint is one line, not a traceback; printed lines go to evaluate.log.
     with one_line_errors(), job_log():
+        check_job_types(cfg)  # fid.num_samples=abc: one line naming the key
         results = run(cfg)
     key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
     value = results.get(key)

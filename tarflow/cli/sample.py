@@ -174,7 +174,6 @@ def progress_bar(iterable, total: int, enabled: bool, desc: str):
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample ``cfg.num_samples`` images and write them; returns the summary dict (plus
     ``out_dir``, and the written ``npz`` / ``grid`` paths)."""
-    check_job_types(cfg)  # num_samples=abc: one line naming the key
     checked = check_sample_config(cfg)
     fmt = str(cfg.get("format", "png"))
     save_records(cfg)
@@ -247,6 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> None:
     # A bad config or checkpoint is one line, not a traceback; printed lines go to sample.log.
     with one_line_errors(), job_log():
+        check_job_types(cfg)  # num_samples=abc: one line naming the key
         run(cfg)
 
 

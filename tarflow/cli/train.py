@@ -205,7 +205,6 @@ def train(
             unusable data, before a logger or the Trainer starts.
         FloatingPointError: a non-finite training loss (no checkpoint is written after it).
     """
-    check_job_types(cfg)  # trainer.max_epochs=abc: one line, not a traceback mid-fit
     check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -371,6 +370,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             _record_run(cfg, resume)
             release()
 
+        check_job_types(cfg)  # trainer.max_epochs=abc: one line, not a traceback mid-fit
         name_sweep_job(cfg)  # --multirun: the W&B group is the sweep, the name its values
         result = train(cfg, on_start=start)
         write_result(result, result["output_dir"])  # the sweep summary's row
