@@ -14,6 +14,7 @@ module is the one place that knows the types of the configs' values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,7 +87,9 @@ def type_problem(key: str, value: Any, expected: type | None) -> str | None:
         return None  # null: "use the library's default" for every numeric key here
     if key in FLEXIBLE:
         allowed, what = FLEXIBLE[key]
-        if isinstance(value, allowed) and not (isinstance(value, str) and value != "auto"):
+        # Lightning's strings: "auto", a count ("2", "-1") or device ids ("0,1").
+        text_ok = not isinstance(value, str) or re.fullmatch(r"auto|-?\d+(,\d+)*,?", value)
+        if isinstance(value, allowed) and text_ok:
             return None
         return f"{key} must be {what}, got {value!r}"
     if expected is None:
