@@ -226,7 +226,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         used = OmegaConf.to_container(cfg.sampler, resolve=True)
         for line in sampler_lines(sampling, used):
             print(line)
-        results.update(sampler=used, **sampling)
+        results.update(sampler_settings=used, **sampling)
         results.update(fid_at_n(net, cfg, data, fid, progress, space))
     out = Path(cfg.out_dir)
     kept = write_keeping_previous(out / "eval.json", json.dumps(results, indent=2, default=str))

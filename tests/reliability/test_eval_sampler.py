@@ -52,13 +52,14 @@ def test_eval_samples_as_validation_did_and_says_so(validated_checkpoint: Path,
     assert default.code == 0, default.err[-3000:]
     saved = json.loads((tmp_path / "default" / "eval.json").read_text())
     assert saved["sampler_source"] == "validation"
-    assert saved["sampler"]["schedule"] == "jacobi" and saved["sampler"]["denoise"] == 0.5
+    assert saved["sampler_settings"]["schedule"] == "jacobi" and saved["sampler"] == "jacobi"
+    assert saved["sampler_settings"]["denoise"] == 0.5 and saved["knobs"]["denoise"] == 0.5
     assert saved["validation_sampler"] == VALIDATION
     assert "as in validation (recorded in the checkpoint)" in default.out
     # A sampler chosen on the command line wins; the validation one is still reported.
     assert chosen.code == 0, chosen.err[-3000:]
     saved = json.loads((tmp_path / "chosen" / "eval.json").read_text())
-    assert saved["sampler_source"] == "config" and saved["sampler"]["schedule"] == "sequential"
+    assert saved["sampler_source"] == "config" and saved["schedule"] == "sequential"
     assert saved["validation_sampler"] == VALIDATION
     assert "validation sampled with jacobi (schedule jacobi" in chosen.out
 
