@@ -2,9 +2,10 @@
 
 Records. Hydra writes ``.hydra/{config,hydra,overrides}.yaml`` into the run directory as soon as a
 job starts, before the task has seen its config, and a second job in the same directory replaces
-them. Our ``tarflow/conf/hydra/default.yaml`` turns that off (``output_subdir: null``) and opens the job's
-log file lazily (``delay: true``); each CLI calls :func:`save_records` once its start-up checks
-have passed. So a refused command leaves an existing run directory byte for byte as it was, and a
+them. Our ``tarflow/conf/hydra/default.yaml`` turns that off (``output_subdir: null``) and opens
+the job's log file lazily (``delay: true``); each CLI calls :func:`save_records` once its start-up
+checks have passed. So a refused command leaves an existing run directory byte for byte as it was
+(and removes a new one it created, :func:`remove_new_run_dir`), and a
 later command in the same directory (a resume, a second sampling job) writes ``.hydra/1/``,
 ``.hydra/2/``, ... next to the earlier records instead of over them.
 

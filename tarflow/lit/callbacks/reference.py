@@ -69,9 +69,9 @@ def reference_meta(dataset: Dataset, *, split: str, count: int, seed: int) -> di
 def stats_file_name(dataset: str, img_size: int, channels: int, split: str, count: int) -> str:
     """The cache file name every entry point uses, e.g. ``demo_16px_c1_train300.npz``.
 
-    ``tarflow/conf/callbacks/sampling.yaml`` and ``tarflow/conf/eval.yaml`` spell the same pattern with
-    interpolations, so the callback, ``tarflow-eval`` and ``scripts/prepare_fid_stats.py`` share
-    one cache.
+    ``tarflow/conf/callbacks/sampling.yaml`` and ``tarflow/conf/eval.yaml`` spell the same pattern
+    with interpolations, so the callback, ``tarflow-eval`` and ``scripts/prepare_fid_stats.py``
+    share one cache (:func:`reference_path` renames it when fewer images exist than asked).
     """
     return f"{dataset}_{int(img_size)}px_c{int(channels)}_{split}{int(count)}.npz"
 
