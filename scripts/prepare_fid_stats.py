@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                                             count=args.count, seed=args.seed,
                                             batch_size=args.batch_size, device=args.device,
                                             progress=not args.no_progress)
-    print(f"{path}: statistics of {stats.count} of the {len(ds)} {args.dataset}/{args.split} "
+    # The file read or written: named for the images it holds when fewer exist than asked for.
+    where = stats.meta.get("path", path)
+    print(f"{where}: statistics of {stats.count} of the {len(ds)} {args.dataset}/{args.split} "
           f"images, {stats.num_features} features, {time.perf_counter() - t0:.1f} s")
     return 0
 

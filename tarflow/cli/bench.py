@@ -123,8 +123,10 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
             continue
         try:
             schedule = build_schedule(m, init=args.init, tol=args.tol)
+            # Blocks and segment counts must exist in this model (else: an IndexError later).
+            schedule.validate(model.config.num_blocks, model.config.num_patches)
         except ValueError as err:
-            fail(str(err))
+            fail(f"method {spec!r}: {err}")
         name = "jacobi" if m.startswith("jacobi") else "gs_jacobi"
         methods[(m if name == "gs_jacobi" or ":" in m else name) + suffix] = Method(schedule,
                                                                                    dtype)
@@ -210,8 +212,23 @@ def with_compiled(methods: dict[str, Method], net, model, noise, y, knobs) -> di
     return {**methods, **twins}
 
 
+# Counts that must be at least this much (the value 0 would fail deep inside a sampler).
+_MINIMUM = {"batch": 1, "repeats": 1, "warmup": 0, "fid": 0, "fid_batch": 1, "probe": 1,
+            "threads": 1}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse counts that cannot work, in one line, before the model is loaded."""
+    for key, least in _MINIMUM.items():
+        values = getattr(args, key, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < least:
+                fail(f"--{key.replace('_', '-')} {value} must be >= {least}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args)

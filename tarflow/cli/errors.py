@@ -118,13 +118,23 @@ def _in_multirun() -> bool:
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Turn a user error raised inside the block into ``error: ...`` and exit status 2."""
+    """Turn a user error raised inside the block into ``error: ...`` and exit status 2; the
+    run directory the command created is removed again when it is still empty."""
+    from tarflow.cli.runs import remove_new_run_dir
+
     try:
         yield
     except USER_ERRORS as err:
-        if debug_requested() or _in_multirun():
+        if _in_multirun():
+            raise
+        remove_new_run_dir()  # a refused command leaves no empty run directory behind
+        if debug_requested():
             raise
         fail(describe(err))
+    except SystemExit as stop:  # fail() called by the command itself
+        if stop.code == EXIT_USAGE and not _in_multirun():
+            remove_new_run_dir()
+        raise
 
 
 def cli_main(hydra_main: Callable[[], T]) -> T:

@@ -19,6 +19,10 @@ Latent models (a checkpoint that records an autoencoder): the likelihood pass re
 model's latent noise; there are no pixel bits per dimension), and FID decodes the samples before
 the feature extractor, against the reference statistics of the real images.
 
+FID samples with the sampler the checkpoint's validation used (recorded in the checkpoint, or
+in its run's records) unless the command line chooses one (:mod:`tarflow.cli.eval_sampler`);
+the output and ``eval.json`` name the sampler used and the validation one.
+
 The data defaults to what the checkpoint records it was trained on, and
 :func:`~tarflow.cli.sample_checks.check_eval_config` refuses a config that cannot work (the
 sampler, counts, device, a dataset other than the recorded one) before the first image is read.
@@ -39,7 +43,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tarflow.cli.config_types import check_job_types
 from tarflow.cli.errors import cli_main, one_line_errors
+from tarflow.cli.eval_sampler import choose_sampler, sampler_lines
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records, write_keeping_previous
 from tarflow.cli.sample import (
@@ -182,7 +188,9 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
     mu, sigma = features.mean_cov()
     ref_mu, ref_sigma = reference.mean_cov()
     return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-            **summary_of(settings, schedule, tally, plan), "fid_stats_path": stats_path,
+            **summary_of(settings, schedule, tally, plan),
+            # The file read: named for the images it holds when fewer exist than asked for.
+            "fid_stats_path": reference.meta.get("path", stats_path),
             "fid_reference": reference_provenance(reference),
             "reference_seconds": ref_seconds, "feature_seconds": feature_seconds,
             **({"decode_seconds": decode_seconds} if space.latent else {})}
@@ -190,6 +198,8 @@ def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str,
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as configured; returns the results dict (also written to ``eval.json``)."""
+    # By default FID samples as validation did (the checkpoint records its sampler).
+    sampling = choose_sampler(cfg, _task_overrides()) if cfg.fid.enabled else None
     checked = check_eval_config(cfg)  # also fills in cfg.data from the checkpoint's record
     save_records(cfg)
     net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
@@ -213,6 +223,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # small seeded conv net); everything else stays plain.
         fid = OmegaConf.to_container(cfg.fid, resolve=True)
         fid["extractor"] = instantiate(cfg.fid.extractor) if cfg.fid.get("extractor") else None
+        used = OmegaConf.to_container(cfg.sampler, resolve=True)
+        for line in sampler_lines(sampling, used):
+            print(line)
+        results.update(sampler_settings=used, **sampling)
         results.update(fid_at_n(net, cfg, data, fid, progress, space))
     out = Path(cfg.out_dir)
     kept = write_keeping_previous(out / "eval.json", json.dumps(results, indent=2, default=str))
@@ -239,6 +253,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     """Returns the ``optimized_metric`` for Hydra sweepers."""
     # A bad config or checkpoint is one line, not a traceback; printed lines go to evaluate.log.
     with one_line_errors(), job_log():
+        check_job_types(cfg)  # fid.num_samples=abc: one line naming the key
         results = run(cfg)
     key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
     value = results.get(key)

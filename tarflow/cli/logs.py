@@ -4,19 +4,23 @@ printed, not only what it logged.
 The commands report their results with ``print`` (a plain line on the console that scripts can
 read); Hydra's log file only receives ``logging`` records, so ``sample.log`` and
 ``evaluate.log`` stayed empty. :func:`job_log` copies every printed line into the log file(s)
-while the console output stays exactly as it was. Lines that a progress bar rewrites in place
-(anything containing a carriage return) are not copied: the log gets results, not bar frames.
+while the console output stays exactly as it was, and so every Python warning shown (the data
+readers warn about an unreadable image with ``warnings.warn``: ring 1 does not log). Lines that
+a progress bar rewrites in place (anything containing a carriage return) are not copied: the log
+gets results, not bar frames.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
 PRINTED = "tarflow.printed"
+WARNED = "tarflow.warnings"  # Python warnings shown during the job (e.g. an unreadable image)
 
 
 class _Tee:
@@ -67,7 +71,7 @@ def job_log(*file_only: str) -> Iterator[None]:
         yield
         return
     saved = {}
-    for name in (PRINTED, *file_only):
+    for name in (PRINTED, WARNED, *file_only):
         logger = logging.getLogger(name)
         saved[name] = (logger.propagate, logger.level, list(logger.handlers))
         logger.propagate = False
@@ -75,13 +79,54 @@ def job_log(*file_only: str) -> Iterator[None]:
         logger.handlers = [*logger.handlers, *handlers]
     tee = _Tee(sys.stdout, logging.getLogger(PRINTED))
     sys.stdout = tee
+    shown = warnings.showwarning
+
+    def show_and_log(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        # Warnings still go to stderr as Python shows them, and into the log file.
+        shown(message, category, filename, lineno, file, line)
+        logging.getLogger(WARNED).warning("%s: %s", category.__name__, message)
+
+    warnings.showwarning = show_and_log
     try:
         yield
     finally:
         tee.finish()
         if sys.stdout is tee:
             sys.stdout = tee.stream
+        if warnings.showwarning is show_and_log:
+            warnings.showwarning = shown
         for name, (propagate, level, own) in saved.items():
             logger = logging.getLogger(name)
             logger.propagate, logger.handlers = propagate, own
             logger.setLevel(level)
+
+
+@contextmanager
+def held_file_log() -> Iterator[Callable[[], None]]:
+    """Keep the job log file's records in memory until the returned ``release()`` is called.
+
+    The log file (``train.log``) is a record of the run: a command refused by its start-up
+    checks must not create one, yet what it logged while starting (the Trainer's device lines,
+    the processes that will run) belongs in it once it does start. Until ``release()`` the
+    records are held (the console shows them as usual); ``release()`` writes them and lets the
+    file handlers write directly again; leaving the block without it drops them.
+    """
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    held: dict[logging.Handler, list[logging.LogRecord]] = {h: [] for h in handlers}
+    for handler in handlers:
+        handler.emit = held[handler].append  # type: ignore[method-assign]
+
+    def release() -> None:
+        for handler, records in held.items():
+            if "emit" in vars(handler):
+                del handler.emit  # back to the class's emit
+                for record in records:
+                    handler.emit(record)
+            records.clear()
+
+    try:
+        yield release
+    finally:
+        for handler in handlers:
+            if "emit" in vars(handler):
+                del handler.emit

@@ -2,9 +2,10 @@
 
 Records. Hydra writes ``.hydra/{config,hydra,overrides}.yaml`` into the run directory as soon as a
 job starts, before the task has seen its config, and a second job in the same directory replaces
-them. Our ``tarflow/conf/hydra/default.yaml`` turns that off (``output_subdir: null``) and opens the job's
-log file lazily (``delay: true``); each CLI calls :func:`save_records` once its start-up checks
-have passed. So a refused command leaves an existing run directory byte for byte as it was, and a
+them. Our ``tarflow/conf/hydra/default.yaml`` turns that off (``output_subdir: null``) and opens
+the job's log file lazily (``delay: true``); each CLI calls :func:`save_records` once its start-up
+checks have passed. So a refused command leaves an existing run directory byte for byte as it was
+(and removes a new one it created, :func:`remove_new_run_dir`), and a
 later command in the same directory (a resume, a second sampling job) writes ``.hydra/1/``,
 ``.hydra/2/``, ... next to the earlier records instead of over them.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 RECORDS = ".hydra"
@@ -126,6 +128,50 @@ def holds_run(run_dir: str | os.PathLike) -> list[str]:
     if any((run / "csv").glob("*/metrics.csv")):
         marks.append("CSV metrics")
     return marks
+
+
+# ------------------------------------------------------------------------ refused commands
+# The run directory and its parents that did not exist when this command started (deepest
+# first): Hydra creates them before the task runs, so a refused command removes them again.
+_NEW_DIRS: list[Path] = []
+
+
+def missing_dirs(path: str | os.PathLike) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    out, here = [], Path(path).absolute()
+    while not here.exists() and here != here.parent:
+        out.append(here)
+        here = here.parent
+    return out
+
+
+class NewRunDir(Callback):
+    """Hydra callback (``tarflow/conf/hydra/default.yaml``): notes which directories of
+    ``hydra.run.dir`` this command will create, before Hydra creates them."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            _NEW_DIRS[:] = missing_dirs(str(config.hydra.run.dir))
+        except Exception:  # an unresolvable run dir: Hydra reports it itself
+            _NEW_DIRS.clear()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _NEW_DIRS.clear()  # a sweep's failing job is reported by Hydra; its folder stays
+
+
+def remove_new_run_dir() -> list[Path]:
+    """Remove the directories this command created for its run, while they are empty (a
+    refused command leaves no empty ``outputs/<task>/<time>/`` behind). Never removes a
+    directory that existed before the command or that holds anything. Returns the removed."""
+    removed = []
+    for path in _NEW_DIRS:
+        try:
+            path.rmdir()  # fails on a non-empty directory: nothing written is ever deleted
+        except OSError:
+            break
+        removed.append(path)
+    _NEW_DIRS.clear()
+    return removed
 
 
 # ----------------------------------------------------------------------------------- resuming

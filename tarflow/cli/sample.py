@@ -42,6 +42,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from tarflow.cli.config_types import check_job_types
 from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import job_log
 from tarflow.cli.runs import save_records
@@ -245,6 +246,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _hydra_main(cfg: DictConfig) -> None:
     # A bad config or checkpoint is one line, not a traceback; printed lines go to sample.log.
     with one_line_errors(), job_log():
+        check_job_types(cfg)  # num_samples=abc: one line naming the key
         run(cfg)
 
 

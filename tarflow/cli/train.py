@@ -45,9 +45,12 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.cli.checks import check_config
+from tarflow.cli.config_types import check_job_types
 from tarflow.cli.errors import cli_main, one_line_errors
-from tarflow.cli.logs import job_log
+from tarflow.cli.logs import held_file_log, job_log
 from tarflow.cli.runs import Resume, config_changes, describe_changes, resume_argv, save_records
+from tarflow.cli.startup import describe_processes, probe_trainer
+from tarflow.cli.train_sweep import name_sweep_job, write_result
 from tarflow.conf import CONFIG_DIR
 from tarflow.lit.callbacks.epoch_log import EpochLog
 from tarflow.lit.callbacks.plots import image_grid
@@ -74,6 +77,19 @@ def _instantiate_dict(group: DictConfig | None, what: str) -> list[Any]:
     return objects
 
 
+def configured_callbacks(cfg: DictConfig, extra: list[Callback] | None = None) -> list[Callback]:
+    """The run's callbacks: the configured ones, then ``extra``, then an :class:`EpochLog`."""
+    callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
+    callbacks += list(extra or [])
+    if cfg.trainer.get("fast_dev_run"):
+        # Lightning skips ModelCheckpoint's saves under fast_dev_run, except the save_last of
+        # its on_train_end (2.6): a smoke run would leave a full checkpoint behind.
+        callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
+    if not any(isinstance(cb, EpochLog) for cb in callbacks):
+        callbacks.append(EpochLog())
+    return callbacks
+
+
 def build(
     cfg: DictConfig,
     extra_callbacks: list[Callback] | None = None,
@@ -98,14 +114,7 @@ def build(
     if datamodule is None:
         datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
-    callbacks: list[Callback] = _instantiate_dict(cfg.get("callbacks"), "callbacks")
-    callbacks += list(extra_callbacks or [])
-    if cfg.trainer.get("fast_dev_run"):
-        # Lightning skips ModelCheckpoint's saves under fast_dev_run, except the save_last of
-        # its on_train_end (2.6): a smoke run would leave a full checkpoint behind.
-        callbacks = [cb for cb in callbacks if not isinstance(cb, ModelCheckpoint)]
-    if not any(isinstance(cb, EpochLog) for cb in callbacks):
-        callbacks.append(EpochLog())
+    callbacks = configured_callbacks(cfg, extra_callbacks)
     loggers: list[Logger] = guard_loggers(_instantiate_dict(cfg.get("logger"), "logger"))
     plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -203,8 +212,16 @@ def train(
     # Trainer starts. Lightning's own setup("fit") call then finds the datasets built. The
     # datasets draw from their own seeded generators, so this does not shift the global RNG.
     datamodule.setup("fit")
+    # What Lightning refuses only when the Trainer is built (no GPU here, max_epochs=-3), before
+    # any record; and what will run, said once it starts.
+    probe = probe_trainer(cfg, lambda: configured_callbacks(cfg, callbacks))
+    processes, oversubscribed = describe_processes(probe, cfg.data.get("num_workers") or 0)
     if on_start is not None:
         on_start()
+    log.info(processes)
+    if oversubscribed:
+        log.warning("more busy processes than CPU cores: each runs slower than alone (lower "
+                    "data.num_workers, or trainer.devices)")
     if cfg.get("seed") is not None:
         # Logged through our logger: Lightning's own line would go to stderr, where a start-up
         # error must stand alone.
@@ -299,6 +316,25 @@ def _final_samples(
     return path
 
 
+# Config groups that --help does not offer: eval's sweeps, and the schema presets build on.
+_NOT_TRAIN_OPTIONS = {"hparams_search": None, "hydra": None, "model": {"base"}}
+
+
+def train_groups() -> str:
+    """``group: option, option`` lines of the groups ``tarflow-train`` composes (``--help``)."""
+    lines = []
+    for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir()):
+        skip = _NOT_TRAIN_OPTIONS.get(group.name, set())
+        if skip is None or group.name.startswith("_"):
+            continue
+        options = sorted(f.stem for f in group.glob("*.yaml") if f.stem not in skip)
+        if options:
+            lines.append(f"{group.name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("tarflow_train_groups", train_groups, replace=True)
+
 # The resume that main() found on the command line, for the task it starts (None: none).
 _RESUME: Resume | None = None
 
@@ -326,9 +362,18 @@ def _record_run(cfg: DictConfig, resume: Resume | None) -> None:
 def _hydra_main(cfg: DictConfig) -> float | None:
     """The Hydra task; returns ``val/nll`` (or ``optimized_metric``) for sweepers."""
     # one_line_errors goes inside the job, so Hydra prints no "Error executing job" line.
-    with one_line_errors(), job_log(EpochLog.__module__):
+    # The log file is held until the start-up checks pass: a refused command writes no train.log.
+    with one_line_errors(), job_log(EpochLog.__module__), held_file_log() as release:
         resume = _RESUME
-        result = train(cfg, on_start=lambda: _record_run(cfg, resume))
+
+        def start() -> None:
+            _record_run(cfg, resume)
+            release()
+
+        check_job_types(cfg)  # trainer.max_epochs=abc: one line, not a traceback mid-fit
+        name_sweep_job(cfg)  # --multirun: the W&B group is the sweep, the name its values
+        result = train(cfg, on_start=start)
+        write_result(result, result["output_dir"])  # the sweep summary's row
         print(f"run dir: {result['output_dir']}")
         print(f"last checkpoint: {result['last_ckpt']}")
         metrics = result["metrics"]

@@ -116,4 +116,23 @@ tests/unit/test_autoencoder.py, ``ul`` = tests/unit/test_latents.py):
    autoencoder: ``tl_run::test_a_resume_with_another_autoencoder_is_refused``; a pixel metric
    monitored for a latent model: ``tl_run::test_a_pixel_checkpoint_callback_metric_is_refused_
    for_latent_models``
+
+Issue 22, runs safe round 2 (``tb`` = tr/test_refusals_before_records.py):
+
+1. Wrong-type overrides, one line before any record: ``tb::test_a_wrong_type_is_one_line_before_
+   any_record`` (and ``tb::test_values_of_the_right_type_pass_the_type_check``)
+2. Lightning's refusals before any record, no empty run dir left, existing dirs kept:
+   ``tb::test_a_trainer_refusal_comes_before_any_record``, ``tb::test_a_gpu_experiment_without_
+   a_gpu_is_refused_with_the_cpu_hint``; the log file held until start:
+   ``tb::test_the_log_file_is_held_until_the_start_up_checks_pass``
+3. ``trainer=cpu`` is one process, the start-up line: ``tb::test_trainer_cpu_under_an_8_gpu_
+   experiment_is_one_process``, ``tb::test_the_start_up_line_reaches_train_log``
+4. tarflow-bench: ``tr/test_bench_refusals.py::test_bad_bench_input_is_one_line``
+5. FID references named by what they hold: ``tr/test_fid_reference_names.py``
+6. Training sweeps: ``tr/test_train_sweep.py::test_a_training_sweep_ends_with_a_table_and_
+   grouped_runs``
+7. Eval's sampler: ``tr/test_eval_sampler.py::test_eval_samples_as_validation_did_and_says_so``,
+   ``::test_the_sampling_callback_records_its_sampler``, ``::test_a_runs_records_stand_in_for_
+   older_checkpoints``
+8. ``--help`` and warnings in train.log: ``tr/test_train_help_and_log.py``
 """

@@ -9,6 +9,8 @@ recomputed instead of being compared against.
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,12 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset
 
-from tarflow.eval import FeatureStats, ReferenceStats, load_or_compute_reference
+from tarflow.eval import (
+    FeatureStats,
+    ReferenceStats,
+    load_or_compute_reference,
+    reference_format,
+)
 
 
 def fixed_subset(dataset: Dataset, count: int, seed: int = 0) -> list[int]:
@@ -62,11 +69,45 @@ def reference_meta(dataset: Dataset, *, split: str, count: int, seed: int) -> di
 def stats_file_name(dataset: str, img_size: int, channels: int, split: str, count: int) -> str:
     """The cache file name every entry point uses, e.g. ``demo_16px_c1_train300.npz``.
 
-    ``tarflow/conf/callbacks/sampling.yaml`` and ``tarflow/conf/eval.yaml`` spell the same pattern with
-    interpolations, so the callback, ``tarflow-eval`` and ``scripts/prepare_fid_stats.py`` share
-    one cache.
+    ``tarflow/conf/callbacks/sampling.yaml`` and ``tarflow/conf/eval.yaml`` spell the same pattern
+    with interpolations, so the callback, ``tarflow-eval`` and ``scripts/prepare_fid_stats.py``
+    share one cache (:func:`reference_path` renames it when fewer images exist than asked).
     """
     return f"{dataset}_{int(img_size)}px_c{int(channels)}_{split}{int(count)}.npz"
+
+
+# Fewer real images than this cannot give a covariance: refused. Between this and the count asked
+# for, the statistics are computed from what exists, named by it, with a warning.
+MIN_REFERENCE_IMAGES = 2
+
+
+def reference_path(path: str | Path, dataset: Dataset, *, split: str, count: int,
+                   quiet: bool = False) -> tuple[Path, int]:
+    """Where the statistics of ``count`` images of ``dataset`` are cached, and how many images
+    they hold.
+
+    When the dataset has fewer than ``count`` images, our cache's standard name (ending in
+    ``_<split><count>.npz``, :func:`stats_file_name`) is renamed for the images it will hold
+    (``..._train48.npz``, not ``..._train300.npz`` holding 48), with a warning; other paths
+    (external references, names of the user's own) are kept as given.
+
+    Raises:
+        ValueError: fewer than :data:`MIN_REFERENCE_IMAGES` images exist.
+    """
+    path, held = Path(path), min(int(count), len(dataset))
+    if held >= int(count):
+        return path, held
+    if held < MIN_REFERENCE_IMAGES:
+        raise ValueError(f"FID reference: the {split} split holds {held} image(s); the "
+                         f"statistics need at least {MIN_REFERENCE_IMAGES}")
+    asked = re.fullmatch(rf"(.*_{re.escape(str(split))}){int(count)}\.npz", path.name)
+    if asked and reference_format(path) in (None, "tarflow-npz"):
+        path = path.with_name(f"{asked.group(1)}{held}.npz")
+    if not quiet:
+        warnings.warn(f"FID reference: {count} {split} images asked for, but the dataset holds "
+                      f"only {held}; the statistics ({path.name}) are of those {held}, and FID "
+                      f"against few images is biased upward", UserWarning, stacklevel=2)
+    return path, held
 
 
 def reference_stats(path: str | Path, dataset: Dataset, extractor: Callable, *, split: str,
@@ -91,6 +132,8 @@ def reference_stats(path: str | Path, dataset: Dataset, extractor: Callable, *, 
     Returns:
         The moments with their sample count and provenance (``meta["format"]``, ``path``).
     """
+    if reference_format(path) in (None, "tarflow-npz"):  # an external reference: as it is
+        path, _ = reference_path(path, dataset, split=split, count=count)
     indices = fixed_subset(dataset, count, seed)
     meta = reference_meta(dataset, split=split, count=len(indices), seed=seed)
     stats = load_or_compute_reference(
@@ -120,10 +163,13 @@ def logged_reference_stats(path: str | Path, dataset: Dataset, extractor: Callab
         path, dataset, extractor, **kwargs: as for :func:`reference_stats`.
         loggers: the trainer's loggers.
     """
-    if not Path(path).is_file():
-        rank_zero_info(f"FID reference statistics: computing {path} from {kwargs.get('count')} "
-                       f"{kwargs.get('split')} images")
-    reference = reference_stats(path, dataset, extractor, **kwargs)
+    if reference_format(path) in (None, "tarflow-npz"):
+        path, held = reference_path(path, dataset, split=kwargs["split"], count=kwargs["count"],
+                                    quiet=True)  # reference_stats warns
+        if not Path(path).is_file():
+            rank_zero_info(f"FID reference statistics: computing {path} from {held} "
+                           f"{kwargs['split']} images")
+    reference = reference_stats(path, dataset, extractor, **kwargs)  # warns if few images
     rank_zero_info(f"FID reference statistics: {reference.describe()}")
     for logger in loggers:
         logger.log_hyperparams({"fid_reference": reference_provenance(reference)})

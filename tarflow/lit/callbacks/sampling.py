@@ -125,6 +125,7 @@ class SamplingCallback(Callback):
         if num_samples < 1 or batch_size < 1:
             raise ValueError("num_samples and batch_size must be >= 1")
         self.settings = parse_sampler(_plain(sampler))
+        self.sampler_record = dict(_plain(sampler) or {})  # in checkpoints: tarflow-eval's default
         self.every_n_epochs = int(every_n_epochs)
         self.num_samples = int(num_samples)
         self.fid_every_n_epochs = int(fid_every_n_epochs or 0)
@@ -179,7 +180,8 @@ class SamplingCallback(Callback):
                              f"the world size {trainer.world_size} for FID")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"validations": self.validations}
+        # The sampler is recorded for tarflow-eval, which samples as validation did by default.
+        return {"validations": self.validations, "sampler": self.sampler_record}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = int(state_dict.get("validations", 0))
