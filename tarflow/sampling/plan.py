@@ -123,7 +123,7 @@ class PrecisionNote:
         """One line: "bf16: considered, kept in blocks 3, 1: ..." or why not."""
         names = "/".join(NET_DTYPES.get(d, d) for d in self.dtypes) or "low precision"
         if not self.considered:
-            return f"{names}: not considered ({self.reason})"
+            return f"{names}: not considered" + (f" ({self.reason})" if self.reason else "")
         ratios = "; ".join(f"{NET_DTYPES.get(d, d)} pass / full-precision pass: Jacobi "
                            f"{r.get('long', math.nan):.2f}x, GS {r.get('short', math.nan):.2f}x"
                            for d, r in self.pass_ratio.items())

@@ -15,8 +15,9 @@ the ranking).
 ``net_dtype`` says which network precision sampling may use for Jacobi passes:
 
 - ``auto`` (the default; also null or unset): ``schedule: auto`` lets the planner consider a
-  bfloat16 network, kept only where a pass measures faster and the samples stay within ``tol``
-  of full precision (the plan says which and why); other schedules run in full precision.
+  bfloat16 network, kept only where a pass measures faster and it moves the probe samples by no
+  more than the tolerance does (``tarflow.sampling.planner``; the plan says which and why);
+  other schedules run in full precision.
 - ``float32`` (or ``float64``): never a low-precision network; fixed schedules run it in that
   dtype, the planner considers none.
 - ``bfloat16`` / ``float16``: fixed schedules run every Jacobi block's network in it; the
