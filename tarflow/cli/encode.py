@@ -7,9 +7,9 @@ Examples::
     torchrun --nproc-per-node 8 -m tarflow.cli.encode experiment=imagenet256_latent \\
         data.root=/data/imagenet hydra.run.dir=outputs/encode/imagenet256
 
-It composes ``tarflow-train``'s config (``tarflow/conf/encode.yaml`` includes ``train.yaml``), so one
-``experiment=`` names the data, the autoencoder (``model.autoencoder``) and the output directory
-(``data.latents``) for both commands. Any ``data=`` works (folders, the ImageNet npz files, the
+It composes ``tarflow-train``'s config (``tarflow/conf/encode.yaml`` includes
+``train.yaml``), so one ``experiment=`` names the data, the autoencoder
+(``model.autoencoder``) and the output directory (``data.latents``) for both commands. Any ``data=`` works (folders, the ImageNet npz files, the
 digits); images are read without random flips, and ``encode.flip=true`` stores every train image
 in both orientations (the reader picks one at random per access).
 

@@ -1,7 +1,7 @@
 """W&B logger factory: offline when no key is configured, resumable ids, CSV fallback.
 
-``tarflow/conf/logger/wandb.yaml`` targets :func:`wandb_logger` instead of ``WandbLogger`` directly because
-three decisions need code:
+``tarflow/conf/logger/wandb.yaml`` targets :func:`wandb_logger` instead of ``WandbLogger``
+directly because three decisions need code:
 
 * ``offline: auto`` resolves to online only when ``WANDB_MODE`` says so, or an API key is set
   (``WANDB_API_KEY``) or stored in ``~/.netrc``; otherwise the run is written offline under
