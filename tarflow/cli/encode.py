@@ -9,7 +9,8 @@ Examples::
 
 It composes ``tarflow-train``'s config (``tarflow/conf/encode.yaml`` includes
 ``train.yaml``), so one ``experiment=`` names the data, the autoencoder
-(``model.autoencoder``) and the output directory (``data.latents``) for both commands. Any ``data=`` works (folders, the ImageNet npz files, the
+(``model.autoencoder``) and the output directory (``data.latents``) for both commands. Any
+``data=`` works (folders, the ImageNet npz files, the
 digits); images are read without random flips, and ``encode.flip=true`` stores every train image
 in both orientations (the reader picks one at random per access).
 
