@@ -64,3 +64,17 @@ def test_resume_with_terms_continues_exactly(tmp_path: Path) -> None:
     assert sorted(losses["resumed"]) == [5, 6, 7, 8]
     for step in range(5, 9):
         assert losses["resumed"][step] == losses["full"][step], step
+
+
+def test_speed_terms_group_and_experiment_compose(tmp_path: Path) -> None:
+    """Every option of the `speed_terms` group (and the fine-tune experiment) builds a module
+    with exactly that term; `none` builds none."""
+    from hydra.utils import instantiate
+
+    for option, kind in (("none", None), ("jacobian", "jacobian"), ("chain", "chain"),
+                         ("trajectory", "trajectory")):
+        cfg = compose_train(tmp_path, ["experiment=demo_fast_sampling", f"speed_terms={option}"])
+        module = instantiate(cfg.module)
+        assert [t.kind for t in module.speed_terms] == ([kind] if kind else []), option
+    cfg = compose_train(tmp_path, ["experiment=demo_fast_sampling"])
+    assert cfg.trainer.max_epochs <= 10 and cfg.module.speed_terms
