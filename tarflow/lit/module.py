@@ -277,10 +277,12 @@ class TarFlowLitModule(L.LightningModule):
         gen = self._generator(0, self.current_epoch, batch_idx, x.device)
         x = self._augment(x, gen)
         labels = self._labels(y, gen)
-        out = self.net(x, labels)
-        loss = nll = (self.net.prior_nll(out.z) - out.logdet).mean()  # = net.nll(x, labels)
-        if self.speed_terms:
-            loss = loss + self._speed_loss(x, labels, out, gen)
+        if self.speed_terms:  # the terms need every block's input and output
+            out = self.net(x, labels)
+            nll = (self.net.prior_nll(out.z) - out.logdet).mean()  # = net.nll(x, labels)
+            loss = nll + self._speed_loss(x, labels, out, gen)
+        else:
+            loss = nll = self.net.nll(x, labels).mean()
         if not torch.isfinite(loss):
             # Stop before the optimiser step so no later checkpoint holds poisoned weights.
             raise FloatingPointError(
