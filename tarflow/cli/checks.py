@@ -33,6 +33,7 @@ from tarflow.model import (
 from tarflow.model.autoencoder import AutoencoderRecord, resolve_autoencoder
 from tarflow.model.checkpoint import read_file, split_checkpoint
 from tarflow.model.sharded import is_sharded_checkpoint
+from tarflow.model.speed_losses import parse_speed_terms
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -54,6 +55,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     autoencoder = _check_latent(cfg, model)
     if "module" in cfg:
         compile_options(_plain(cfg.module.get("compile")))  # names the bad option itself
+        check_speed_terms(cfg, model)
     normalise_schedule(cfg.get("sampler"))
     sampling = _sampling_callback_node(cfg)
     if sampling is not None:
@@ -350,3 +352,9 @@ def _check_run_dir(output_dir: Path, ckpt: Any) -> None:
             f"hydra.run.dir {output_dir} holds another run than the one that wrote ckpt_path "
             f"{ckpt}; resume into hydra.run.dir={owner} or a new directory"
         )
+
+
+def check_speed_terms(cfg: DictConfig, model: TarFlowConfig) -> None:
+    """``module.speed_terms``: kinds, weights >= 0, block ids of this model, k / every >= 1
+    (the module would refuse them too, but only after the loggers and run dir exist)."""
+    parse_speed_terms(_plain(cfg.module.get("speed_terms")), model)

@@ -45,6 +45,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from tarflow.data import drop_labels, gaussian_noise, uniform_dequantize
 from tarflow.model import TarFlow, TarFlowConfig
 from tarflow.model.space import make_space
+from tarflow.model.speed_losses import parse_speed_terms
 
 OPTIM_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,
@@ -165,6 +166,10 @@ class TarFlowLitModule(L.LightningModule):
             ``FlowBlock.predict`` and stay eager (docs/benchmarks.md, "torch.compile").
         autoencoder: a latent model's ``model.autoencoder`` spec or record (may instead come
             as ``model["autoencoder"]``); None = a pixel model.
+        speed_terms: named loss terms for sampling speed, ``{name: {kind, weight, blocks,
+            every, prob, k, ...}}`` (``tarflow.model.speed_losses``); each adds
+            ``weight * term`` to the loss on the steps it runs and logs ``train/<name>``
+            (unweighted) and ``train/<name>/<block>``. ``train/loss`` stays the NLL.
     """
 
     def __init__(
@@ -177,6 +182,7 @@ class TarFlowLitModule(L.LightningModule):
         data: Mapping[str, Any] | None = None,
         compile: bool | Mapping[str, Any] | None = False,
         autoencoder: Mapping[str, Any] | None = None,
+        speed_terms: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         model = _plain(model)
@@ -202,6 +208,7 @@ class TarFlowLitModule(L.LightningModule):
         self.data_identity = _data_identity(data)
         self.compile_options = compile_options(compile)
         self._compiled = False
+        self.speed_terms = parse_speed_terms(_plain(speed_terms), self.config, seed=self.seed)
         # Resolved now (scale, shift, geometry, fingerprint), so a missing autoencoder fails at
         # start-up and checkpoints record exactly which one the latents belong to.
         self.space = make_space(self.config, autoencoder)
@@ -218,6 +225,9 @@ class TarFlowLitModule(L.LightningModule):
                 "data": self.data_identity,
                 "compile": self.compile_options or False,
                 "autoencoder": record,
+                "speed_terms": {t.name: {k: v for k, v in t.to_dict().items()
+                                         if k not in ("name", "seed")}
+                                for t in self.speed_terms},
             }
         )
         self.net = TarFlow(self.config)
@@ -267,7 +277,12 @@ class TarFlowLitModule(L.LightningModule):
         gen = self._generator(0, self.current_epoch, batch_idx, x.device)
         x = self._augment(x, gen)
         labels = self._labels(y, gen)
-        loss = self.net.nll(x, labels).mean()
+        if self.speed_terms:  # the terms need every block's input and output
+            out = self.net(x, labels)
+            nll = (self.net.prior_nll(out.z) - out.logdet).mean()  # = net.nll(x, labels)
+            loss = nll + self._speed_loss(x, labels, out, gen)
+        else:
+            loss = nll = self.net.nll(x, labels).mean()
         if not torch.isfinite(loss):
             # Stop before the optimiser step so no later checkpoint holds poisoned weights.
             raise FloatingPointError(
@@ -275,9 +290,28 @@ class TarFlowLitModule(L.LightningModule):
                 f"(epoch {self.current_epoch}, batch index {batch_idx}); lower the learning rate, "
                 f"enable gradient clipping, or check the data"
             )
-        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
+        self.log("train/loss", nll, prog_bar=True, batch_size=x.shape[0])
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=x.shape[0])
         return loss
+
+    def _speed_loss(self, x: torch.Tensor, labels: torch.Tensor | None, out,
+                    gen: torch.Generator) -> torch.Tensor | float:
+        """Sum of the weighted speed terms due at this step; logs each (unweighted)."""
+        total = 0.0
+        tokens = self.net.patchify(x)  # (B, N, D), block 0's input
+        for term in self.speed_terms:
+            if not term.due(self.global_step):
+                continue
+            values = term.block_values(self.net, tokens, out.block_outputs, labels,
+                                       generator=gen)
+            value = term.combine(values)
+            if value is None:  # e.g. no block above the CRM share this step
+                continue
+            total = total + term.weight * value
+            self.log(f"train/{term.name}", value, batch_size=x.shape[0])
+            for b, v in values.items():
+                self.log(f"train/{term.name}/{b}", v.detach(), batch_size=x.shape[0])
+        return total
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Logs val/nll (training objective, nats/dim) and val/bpd (uniform dequantisation);

@@ -1,0 +1,254 @@
+"""Measure what the speed loss terms (tarflow/model/speed_losses.py) buy: several checkpoints side
+by side in one process (docs/benchmarks.md, "Training for fast sampling").
+
+    # Jacobi iterations per block at a tolerance (no timing; any load)
+    python scripts/speed_terms_eval.py iters base=demo.ckpt chain=outputs/x/last.ckpt --json it.json
+    # `auto` vs the sequential loop at batch 1/16/64, round-robin over checkpoints (timing)
+    python scripts/speed_terms_eval.py speed base=demo.ckpt chain=... --json speed.json
+    # one training step's cost with each term on (timing)
+    python scripts/speed_terms_eval.py step base=demo.ckpt --terms '{chain: {kind: chain, ...}}'
+
+``iters``: pure Jacobi (every block, initial guess z) to ``--tol`` on the same noise and labels
+for every checkpoint: per block the iterations the slowest sample needed, at batch 16 one batch,
+at batch 1 the mean over ``--singles`` single-image runs; the critical path is their sum.
+``speed`` calls tarflow-bench's ``main`` per (batch, checkpoint), batches outermost, so load
+drift hits every checkpoint alike; each row's speed-up is against the sequential loop timed in
+the same call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from tarflow.cli import bench
+from tarflow.model import TarFlow
+from tarflow.model.speed_losses import parse_speed_terms
+from tarflow.sampling import SamplingSchedule, sample
+
+
+def _named(specs: list[str]) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not path:
+            raise SystemExit(f"error: expected name=checkpoint, got {spec!r}")
+        out[name] = path
+    return out
+
+
+def jacobi_iters(model: TarFlow, batch: int, *, tol: float, seed: int, guidance: float
+                 ) -> dict[int, int]:
+    """Per forward block, the Jacobi iterations the slowest of ``batch`` samples needed."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    noise = model.sample_noise(batch, generator=g)
+    y = torch.randint(0, cfg.num_classes, (batch,), generator=g) if cfg.conditional else None
+    _, stats = sample(model, noise, y, SamplingSchedule.jacobi(None, init="z", tol=tol),
+                      guidance=guidance)
+    return stats.iters
+
+
+def cmd_iters(args) -> dict:
+    out = {}
+    for name, path in _named(args.checkpoints).items():
+        model = TarFlow.from_checkpoint(path).eval()
+        row = {}
+        for B in args.batch:
+            if B == 1:
+                runs = [jacobi_iters(model, 1, tol=args.tol, seed=args.seed + i,
+                                     guidance=args.guidance) for i in range(args.singles)]
+                blocks = {b: statistics.mean(r[b] for r in runs) for b in runs[0]}
+            else:
+                blocks = jacobi_iters(model, B, tol=args.tol, seed=args.seed,
+                                      guidance=args.guidance)
+            row[B] = {"blocks": blocks, "critical_path": sum(blocks.values())}
+            print(f"{name} batch {B}: blocks 0..T-1 "
+                  f"{' / '.join(f'{v:g}' for v in blocks.values())}, critical path "
+                  f"{row[B]['critical_path']:g}", flush=True)
+        out[name] = row
+    return out
+
+
+def cmd_speed(args) -> dict:
+    out = {name: {} for name in _named(args.checkpoints)}
+    tmp = Path(args.json or "speed.json").with_suffix(".rows.json")
+    for B in args.batch:
+        for name, path in _named(args.checkpoints).items():
+            print(f"== {name} batch {B}", flush=True)
+            bench.main([path, "--data", "demo", "--batch", str(B), "--methods", "auto",
+                        "--tol", str(args.tol), "--repeats", str(args.repeats),
+                        "--plan-cache", "", "--guidance", str(args.guidance),
+                        "--json", str(tmp)])
+            rows = {r["method"]: r for r in json.loads(tmp.read_text())["rows"]}
+            out[name][B] = {"auto_speedup": rows["auto"]["speedup"],
+                            "auto_seconds": rows["auto"]["seconds"],
+                            "sequential_seconds": rows["sequential"]["seconds"],
+                            "auto_schedule": rows["auto"]["schedule"]}
+    tmp.unlink(missing_ok=True)
+    return out
+
+
+def cmd_step(args) -> dict:
+    """Median seconds of one training step (batch 32, AdamW) with each term set on."""
+    path = next(iter(_named(args.checkpoints).values()))
+    torch.set_num_threads(args.threads)
+    variants = {"nll": {}, **{k: {k: v} for k, v in (yaml.safe_load(args.terms) or {}).items()}}
+    runs = {}
+    for name, spec in variants.items():
+        torch.manual_seed(0)
+        model = TarFlow.from_checkpoint(path).train()
+        terms = parse_speed_terms(spec, model.config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        cfg = model.config
+        x = torch.rand(args.step_batch, cfg.in_channels, cfg.img_size, cfg.img_size) * 2 - 1
+        y = torch.randint(cfg.num_classes, (args.step_batch,)) if cfg.conditional else None
+        gen = torch.Generator().manual_seed(0)
+
+        def step(model=model, opt=opt, x=x, y=y, terms=terms, gen=gen):
+            opt.zero_grad(set_to_none=True)
+            out = model(x, y)
+            loss = (model.prior_nll(out.z) - out.logdet).mean()
+            for t in terms:
+                loss = loss + t.weight * t.combine(
+                    t.block_values(model, model.patchify(x), out.block_outputs, y, generator=gen))
+            loss.backward()
+            opt.step()
+
+        runs[name] = step
+        step()  # warm-up
+    times = {name: [] for name in runs}
+    for _ in range(args.rounds):  # round-robin: load drift hits every variant alike
+        for name, step in runs.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    base = statistics.median(times["nll"])
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"seconds": med, "vs_nll": med / base}
+        print(f"{name}: {med * 1e3:.1f} ms/step ({med / base:.2f}x the NLL-only step)")
+    return out
+
+
+def _last(csv_path: Path, key: str) -> float | None:
+    """The last logged value of ``key`` in a Lightning CSV log (None if never logged)."""
+    import csv
+
+    value = None
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            if row.get(key):
+                value = float(row[key])
+    return value
+
+
+def cmd_report(args) -> dict:
+    """Markdown table and a Pareto chart (val bpd vs critical path) from the runs' CSV logs and
+    the JSON files of ``iters`` / ``speed`` (and the ``step`` costs printed); ``checkpoints`` are
+    name=run_dir, the first one the reference of the "vs first" column."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    iters = json.loads(Path(args.iters).read_text())["result"]
+    speed = json.loads(Path(args.speed).read_text())["result"] if args.speed else {}
+    if args.step:  # one row per term kind, not per run
+        for name, v in json.loads(Path(args.step).read_text())["result"].items():
+            print(f"step cost {name}: {v['seconds'] * 1e3:.0f} ms ({v['vs_nll']:.2f}x)")
+    labels = dict(s.split("=", 1) for s in args.label)
+    rows, names = [], _named(args.checkpoints)
+    base_bpd = None
+    for name, run in names.items():
+        log = next(Path(run).glob("csv/version_*/metrics.csv"))
+        bpd, fid = _last(log, "val/bpd"), _last(log, f"val/fid_{args.fid_n}")
+        base_bpd = base_bpd if base_bpd is not None else bpd
+        it = iters[name]
+        sp = speed.get(name, {})
+        rows.append(dict(name=name, label=labels.get(name, name), bpd=bpd, fid=fid,
+                         b1=it["1"], b16=it["16"],
+                         speed={B: v["auto_speedup"] for B, v in sp.items()}))
+    head = ("| run | val bpd | vs first | FID@100 | iters b=1 (blocks 0/1/2/3) | crit. b=1 "
+            "| iters b=16 | crit. b=16 | auto vs seq. b=1 / 16 / 64 |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        fmt = lambda d: " / ".join(f"{v:g}" for v in d["blocks"].values())  # noqa: E731
+        sp = " / ".join(f"{r['speed'][B]:.2f}x" for B in ("1", "16", "64") if B in r["speed"])
+        fid = "-" if r["fid"] is None else f"{r['fid']:.1f}"
+        lines.append(
+            f"| {r['label']} | {r['bpd']:.4f} | {100 * (r['bpd'] / base_bpd - 1):+.2f}% | "
+            f"{fid} | {fmt(r['b1'])} | {r['b1']['critical_path']:g} | {fmt(r['b16'])} | "
+            f"{r['b16']['critical_path']:g} | {sp or '-'} |")
+    table = "\n".join(lines)
+    print(table)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    shown = [r for r in rows if r["bpd"] <= base_bpd * 1.05]  # a far point would squash the rest
+    for i, r in enumerate(shown):
+        for B, marker in (("b16", "o"), ("b1", "s")):
+            ax.scatter(r["bpd"], r[B]["critical_path"], marker=marker,
+                       color="C0" if B == "b16" else "C1")
+        ax.annotate(r["label"], (r["bpd"], r["b16"]["critical_path"]), fontsize=7,
+                    xytext=(5, 4 if i % 2 == 0 else -9), textcoords="offset points")
+    ax.axvline(base_bpd * 1.005, color="grey", ls=":", lw=1)
+    ax.axhline(args.target, color="grey", ls="--", lw=1)
+    ax.text(base_bpd * 1.005, args.target + 0.3, " +0.5% bpd / target critical path",
+            fontsize=7, color="grey")
+    ax.set_ylim(bottom=min(args.target - 1, ax.get_ylim()[0]))
+    off = [r["label"] for r in rows if r not in shown]
+    if off:
+        ax.text(0.99, 0.02, "off the chart (bpd > +5%): " + ", ".join(off), fontsize=6,
+                ha="right", transform=ax.transAxes, color="grey")
+    ax.scatter([], [], marker="o", color="C0", label="batch 16")
+    ax.scatter([], [], marker="s", color="C1", label="batch 1 (mean of singles)")
+    ax.set_xlabel("val bits/dim (lower is better)")
+    ax.set_ylabel(f"Jacobi passes on the critical path, tol {args.tol:g}")
+    ax.set_title("Speed terms: likelihood vs GS-Jacobi iterations (demo model)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=130)
+    print(f"wrote {args.png}")
+    return {"rows": rows, "table": table}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["iters", "speed", "step", "report"])
+    p.add_argument("checkpoints", nargs="+", help="name=path pairs")
+    p.add_argument("--batch", type=int, nargs="+", default=None)
+    p.add_argument("--tol", type=float, default=3e-3)
+    p.add_argument("--guidance", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--singles", type=int, default=8, help="batch-1 runs averaged (iters)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--terms", default="{}", help="step: YAML {name: term spec}")
+    p.add_argument("--step-batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json")
+    p.add_argument("--iters", help="report: the JSON of `iters`")
+    p.add_argument("--speed", help="report: the JSON of `speed`")
+    p.add_argument("--step", help="report: the JSON of `step`")
+    p.add_argument("--label", nargs="*", default=[], help="report: name=label for the table")
+    p.add_argument("--fid-n", type=int, default=100)
+    p.add_argument("--png", default="docs/speed_terms_pareto.png")
+    p.add_argument("--target", type=float, default=14, help="report: critical-path target line")
+    args = p.parse_args(argv)
+    if args.batch is None:
+        args.batch = {"iters": [1, 16], "speed": [1, 16, 64]}.get(args.mode, [])
+    result = {"iters": cmd_iters, "speed": cmd_speed, "step": cmd_step,
+              "report": cmd_report}[args.mode](args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "result": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
