@@ -50,6 +50,7 @@ from tarflow.cli.errors import cli_main, one_line_errors
 from tarflow.cli.logs import held_file_log, job_log
 from tarflow.cli.runs import Resume, config_changes, describe_changes, resume_argv, save_records
 from tarflow.cli.startup import describe_processes, probe_trainer
+from tarflow.cli.train_help import train_groups  # noqa: F401  (registers the --help resolver)
 from tarflow.cli.train_sweep import name_sweep_job, write_result
 from tarflow.conf import CONFIG_DIR
 from tarflow.lit.callbacks.epoch_log import EpochLog
@@ -315,25 +316,6 @@ def _final_samples(
     log.info("sample grid written to %s", path)
     return path
 
-
-# Config groups that --help does not offer: eval's sweeps, and the schema presets build on.
-_NOT_TRAIN_OPTIONS = {"hparams_search": None, "hydra": None, "model": {"base"}}
-
-
-def train_groups() -> str:
-    """``group: option, option`` lines of the groups ``tarflow-train`` composes (``--help``)."""
-    lines = []
-    for group in sorted(p for p in Path(CONFIG_DIR).iterdir() if p.is_dir()):
-        skip = _NOT_TRAIN_OPTIONS.get(group.name, set())
-        if skip is None or group.name.startswith("_"):
-            continue
-        options = sorted(f.stem for f in group.glob("*.yaml") if f.stem not in skip)
-        if options:
-            lines.append(f"{group.name}: {', '.join(options)}")
-    return "\n".join(lines)
-
-
-OmegaConf.register_new_resolver("tarflow_train_groups", train_groups, replace=True)
 
 # The resume that main() found on the command line, for the task it starts (None: none).
 _RESUME: Resume | None = None
