@@ -24,7 +24,7 @@ import torch
 
 from tarflow.data import build_dataset
 from tarflow.eval import InceptionFeatures, ReferenceStats
-from tarflow.lit.callbacks.reference import reference_stats, stats_file_name
+from tarflow.eval.fid_reference import reference_stats, stats_file_name
 
 DEFAULT_OUT_DIR = Path("data") / "fid_stats"  # = ${paths.fid_stats_dir} run from the repo root
 

@@ -24,7 +24,6 @@ from tarflow.cli.common import (
     probe_images,
 )
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
-from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.sampling import (
     PlanCache,
     SamplingSchedule,
@@ -33,6 +32,7 @@ from tarflow.sampling import (
     schedule_from_ranking,
 )
 from tarflow.sampling.precision import dtype_name
+from tarflow.sampling.settings import parse_sampler
 from tarflow.sampling.tune import tune_segments
 
 

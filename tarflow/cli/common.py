@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from tarflow.cli.errors import fail
+from tarflow.app.errors import fail
 from tarflow.model import CheckpointError, TarFlow, describe_checkpoint, preset
 from tarflow.model.autoencoder import AutoencoderError, locate
 from tarflow.model.space import PixelSpace, make_space

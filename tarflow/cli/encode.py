@@ -36,9 +36,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from tarflow.cli.errors import cli_main, one_line_errors
-from tarflow.cli.logs import job_log
-from tarflow.cli.runs import save_records
+from tarflow.app.errors import cli_main, one_line_errors
+from tarflow.app.logs import job_log
+from tarflow.app.runs import save_records
 from tarflow.cli.sample import pick_device
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset

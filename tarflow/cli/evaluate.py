@@ -12,7 +12,7 @@ use, or beforehand with ``scripts/prepare_fid_stats.py``). Results (``val/bpd``,
 seconds per image, iterations per block, the absolute checkpoint path and the data used) are
 printed, logged to ``evaluate.log`` and written to ``<out_dir>/eval.json``; the return value of
 :func:`main` is ``fid.optimized`` (FID by default), so a sweeper can minimise it, and a
-``--multirun`` sweep ends with a table of all jobs (:mod:`tarflow.cli.sweep_summary`).
+``--multirun`` sweep ends with a table of all jobs (:mod:`tarflow.app.sweep_summary`).
 
 Latent models (a checkpoint that records an autoencoder): the likelihood pass reports
 ``val/latent_nll`` (the training objective per latent dimension, on the encoded split with the
@@ -20,11 +20,11 @@ model's latent noise; there are no pixel bits per dimension), and FID decodes th
 the feature extractor, against the reference statistics of the real images.
 
 FID samples with the sampler the checkpoint's validation used (recorded in the checkpoint, or
-in its run's records) unless the command line chooses one (:mod:`tarflow.cli.eval_sampler`);
+in its run's records) unless the command line chooses one (:mod:`tarflow.app.eval_sampler`);
 the output and ``eval.json`` name the sampler used and the validation one.
 
 The data defaults to what the checkpoint records it was trained on, and
-:func:`~tarflow.cli.sample_checks.check_eval_config` refuses a config that cannot work (the
+:func:`~tarflow.app.checks.sample.check_eval_config` refuses a config that cannot work (the
 sampler, counts, device, a dataset other than the recorded one) before the first image is read.
 """
 
@@ -43,11 +43,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tarflow.cli.config_types import check_job_types
-from tarflow.cli.errors import cli_main, one_line_errors
-from tarflow.cli.eval_sampler import choose_sampler, sampler_lines
-from tarflow.cli.logs import job_log
-from tarflow.cli.runs import save_records, write_keeping_previous
+from tarflow.app.checks.sample import check_eval_config, fid_stats_path
+from tarflow.app.config_types import check_job_types
+from tarflow.app.errors import cli_main, one_line_errors
+from tarflow.app.eval_sampler import choose_sampler, sampler_lines
+from tarflow.app.logs import job_log
+from tarflow.app.runs import save_records, write_keeping_previous
 from tarflow.cli.sample import (
     load_network,
     load_space,
@@ -55,15 +56,15 @@ from tarflow.cli.sample import (
     resolve_schedule,
     summary_of,
 )
-from tarflow.cli.sample_checks import check_eval_config, fid_stats_path
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset, gaussian_noise, uniform_dequantize
+from tarflow.data.subsets import stack_items
 from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
-from tarflow.lit.callbacks.reference import reference_provenance, reference_stats, stack_items
-from tarflow.lit.callbacks.sample_set import IterationTally, sample_batches
-from tarflow.lit.callbacks.sampler_config import parse_sampler
+from tarflow.eval.fid_reference import reference_provenance, reference_stats
 from tarflow.model import TarFlow
 from tarflow.model.space import PixelSpace
+from tarflow.sampling.sample_set import IterationTally, sample_batches
+from tarflow.sampling.settings import parse_sampler
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tarflow.cli.errors import fail
+from tarflow.app.errors import fail
 from tarflow.eval.fid import atomic_write
 from tarflow.lit.checkpoint_io import atomic_torch_save
 from tarflow.model.checkpoint import CheckpointError

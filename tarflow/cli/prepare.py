@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
 
-    from tarflow.cli.errors import fail
+    from tarflow.app.errors import fail
 
     bar = None
 

@@ -18,10 +18,10 @@ to images transparently, in chunks; the timing covers the sampler only, and the 
 decoding time separately. ``autoencoder_path=`` points at a copy of the recorded autoencoder on a
 machine where its recorded path does not exist (its weights fingerprint must match).
 
-Before any work :func:`~tarflow.cli.sample_checks.check_sample_config` checks the config against
+Before any work :func:`~tarflow.app.checks.sample.check_sample_config` checks the config against
 the checkpoint and the output folder: a folder that already holds samples is refused unless
 ``if_exists=overwrite`` (its sample files are deleted first) or ``if_exists=append`` with
-``first_index`` (another range of the same set; :mod:`tarflow.cli.sample_outputs`). What is
+``first_index`` (another range of the same set; :mod:`tarflow.app.sample_outputs`). What is
 printed also goes to ``sample.log``.
 
 :func:`run` is the testable core; :func:`main` is the ``@hydra.main`` wrapper.
@@ -42,22 +42,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from tarflow.cli.config_types import check_job_types
-from tarflow.cli.errors import cli_main, one_line_errors
-from tarflow.cli.logs import job_log
-from tarflow.cli.runs import save_records
-from tarflow.cli.sample_checks import check_sample_config, sample_job
-from tarflow.cli.sample_outputs import SampleFiles, clear_outputs
+from tarflow.app.checks.sample import check_sample_config, sample_job
+from tarflow.app.config_types import check_job_types
+from tarflow.app.errors import cli_main, one_line_errors
+from tarflow.app.logs import job_log
+from tarflow.app.runs import save_records
+from tarflow.app.sample_outputs import SampleFiles, clear_outputs
 from tarflow.conf import CONFIG_DIR
+from tarflow.data.subsets import fixed_subset, stack_items
 from tarflow.eval import images_to_uint8
-from tarflow.lit.callbacks.plots import image_grid
-from tarflow.lit.callbacks.reference import fixed_subset, stack_items
-from tarflow.lit.callbacks.sample_set import IterationTally, fixed_inputs, sample_batches
-from tarflow.lit.callbacks.sampler_config import SamplerSettings, parse_sampler
+from tarflow.eval.plots import image_grid
 from tarflow.model import CheckpointSummary, TarFlow
 from tarflow.model.space import PixelSpace, make_space
 from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table, sample
 from tarflow.sampling.plan import device_name
+from tarflow.sampling.sample_set import IterationTally, fixed_inputs, sample_batches
+from tarflow.sampling.settings import SamplerSettings, parse_sampler
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ below receives plain values (``_convert_: all``).
 Before anything starts, :func:`check_config` refuses settings that cannot work (including a
 checkpoint that does not fit the config, and a new run aimed at another run's directory) and
 the data is read; such errors print as one ``error: ...`` line with exit status 2
-(:mod:`tarflow.cli.errors`, ``TARFLOW_DEBUG=1`` for the traceback), and leave the run directory
+(:mod:`tarflow.app.errors`, ``TARFLOW_DEBUG=1`` for the traceback), and leave the run directory
 untouched: the ``.hydra`` records are written only after these checks
-(:mod:`tarflow.cli.runs`), numbered when a resume finds earlier ones. A resume restores the
+(:mod:`tarflow.app.runs`), numbered when a resume finds earlier ones. A resume restores the
 overrides its run was started with (:func:`main`). During the run, failing logger calls only
 warn (:mod:`tarflow.lit.safe_logging`) and checkpoints are replaced atomically
 (:mod:`tarflow.lit.checkpoint_io`).
@@ -44,24 +44,24 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from tarflow.cli.checks import check_config
-from tarflow.cli.config_types import check_job_types
-from tarflow.cli.errors import cli_main, one_line_errors
-from tarflow.cli.logs import held_file_log, job_log
-from tarflow.cli.runs import Resume, config_changes, describe_changes, resume_argv, save_records
-from tarflow.cli.startup import describe_processes, probe_trainer
+from tarflow.app.checks.train import check_config
+from tarflow.app.config_types import check_job_types
+from tarflow.app.errors import cli_main, one_line_errors
+from tarflow.app.logs import held_file_log, job_log
+from tarflow.app.runs import Resume, config_changes, describe_changes, resume_argv, save_records
+from tarflow.app.startup import describe_processes, probe_trainer
+from tarflow.app.train_sweep import name_sweep_job, write_result
 from tarflow.cli.train_help import train_groups  # noqa: F401  (registers the --help resolver)
-from tarflow.cli.train_sweep import name_sweep_job, write_result
 from tarflow.conf import CONFIG_DIR
+from tarflow.eval.plots import image_grid
 from tarflow.lit.callbacks.epoch_log import EpochLog
-from tarflow.lit.callbacks.plots import image_grid
-from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.checkpoint_io import AtomicCheckpointIO
 from tarflow.lit.safe_logging import guard_loggers
 from tarflow.lit.wandb_utils import finish_wandb
 from tarflow.model import TarFlow, load_weights
 from tarflow.model.space import PixelSpace
 from tarflow.sampling import SamplingSchedule, sample
+from tarflow.sampling.settings import parse_sampler
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ def main() -> float | None:
 
     A resume (``ckpt_path=`` a checkpoint whose run directory has ``.hydra`` records) first
     gets the run's recorded overrides put under the command line's own
-    (:func:`tarflow.cli.runs.resume_argv`), before Hydra composes anything; ``sys.argv`` is
+    (:func:`tarflow.app.runs.resume_argv`), before Hydra composes anything; ``sys.argv`` is
     rewritten so that processes re-launched by DDP see the same command.
 
     Configuration, data and checkpoint errors print one ``error: ...`` line and exit with

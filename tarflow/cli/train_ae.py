@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from tarflow.cli.errors import fail
+from tarflow.app.errors import fail
 from tarflow.data import build_dataset
 from tarflow.model.autoencoder import small_autoencoder
 

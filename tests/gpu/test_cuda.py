@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tarflow.lit.callbacks.sample_set import fixed_inputs
 from tarflow.sampling import sample_jacobi, sample_sequential
 from tarflow.sampling.precision import network_copy
+from tarflow.sampling.sample_set import fixed_inputs
 from tests.unit.conftest import make_model
 
 pytestmark = [pytest.mark.gpu,

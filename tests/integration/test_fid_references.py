@@ -15,7 +15,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from tarflow.cli import evaluate
 from tarflow.data import build_dataset
-from tarflow.lit.callbacks.reference import fixed_subset, stack_items
+from tarflow.data.subsets import fixed_subset, stack_items
 from tests.integration.test_sample_eval_cli import EXTRACTOR, FAKE, checkpoint, compose_cfg
 from tests.integration.test_sampling_callback import (
     TinyExtractor,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from tarflow.cli.checks import check_config
+from tarflow.app.checks.train import check_config
 from tarflow.cli.export import main as export_main
 from tarflow.cli.train import build, train
 from tarflow.lit.fsdp import TarFlowFSDPStrategy

@@ -22,11 +22,11 @@ from torch import nn
 from tarflow.cli import evaluate, sample
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
-from tarflow.lit.callbacks.sample_set import fixed_inputs
-from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.model import TarFlow, TarFlowConfig
 from tarflow.sampling import build_schedule
 from tarflow.sampling import sample as ring1_sample
+from tarflow.sampling.sample_set import fixed_inputs
+from tarflow.sampling.settings import parse_sampler
 from tests.integration.test_sampling_callback import TinyExtractor
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from tarflow.cli.eval_sampler import recorded_validation_sampler
+from tarflow.app.eval_sampler import recorded_validation_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
 from tests.reliability.helpers import run_clis
 from tests.reliability.test_sample_eval_input import QUIET, SMALL_FID

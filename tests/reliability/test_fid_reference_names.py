@@ -11,12 +11,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from tarflow.eval import FeatureStats, load_reference
-from tarflow.lit.callbacks.reference import (
-    MIN_REFERENCE_IMAGES,
-    logged_reference_stats,
-    reference_stats,
-    stats_file_name,
-)
+from tarflow.eval.fid_reference import MIN_REFERENCE_IMAGES, reference_stats, stats_file_name
+from tarflow.lit.callbacks.reference import logged_reference_stats
 from tests.integration.test_sampling_callback import TinyExtractor
 
 

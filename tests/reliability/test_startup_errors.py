@@ -243,7 +243,7 @@ def test_train_resume_from_bad_checkpoint(
 def test_dataloader_worker_errors_keep_the_original_line() -> None:
     """With num_workers > 0 torch re-raises a worker's error with the worker's whole traceback
     in the message; the one-line report keeps only its last line."""
-    from tarflow.cli.errors import describe
+    from tarflow.app.errors import describe
 
     wrapped = ValueError(
         "Caught DataError in DataLoader worker process 0.\n"

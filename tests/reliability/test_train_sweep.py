@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tarflow.cli.sweep_summary import summary_table
-from tarflow.cli.train_sweep import job_label, swept_keys
+from tarflow.app.sweep_summary import summary_table
+from tarflow.app.train_sweep import job_label, swept_keys
 from tests.reliability.helpers import TINY, run_cli
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 from PIL import Image
 
+from tarflow.eval.plots import DPI, SIZE, bar_figure, convergence_figure
 from tarflow.lit.callbacks.media import RoundMedia, write_media_files
-from tarflow.lit.callbacks.plots import DPI, SIZE, bar_figure, convergence_figure
 
 
 def _ticks_in_view(axis, lo: float, hi: float) -> list[float]:

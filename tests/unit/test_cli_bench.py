@@ -42,10 +42,10 @@ def test_the_printed_schedule_reads_back_as_a_sampler_schedule(capsys):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from tarflow.cli.checks import normalise_schedule
+    from tarflow.app.checks.train import normalise_schedule
     from tarflow.conf import CONFIG_DIR
-    from tarflow.lit.callbacks.sampler_config import parse_sampler
     from tarflow.sampling import parse_schedule
+    from tarflow.sampling.settings import parse_sampler
 
     rank.main(["--preset", "tiny", "--data", "fake", "--probe", "8", "--tough-factor", "1.0",
                "--tough-segments", "4", "--tol", "0.002"])

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.model import Guidance
 from tarflow.sampling import (
     SEQUENTIAL,
@@ -22,6 +21,7 @@ from tarflow.sampling import (
     ranking_moved,
     sample,
 )
+from tarflow.sampling.settings import parse_sampler
 from tests.unit.conftest import make_model
 
 # Block 1 is tough (share 70% >= 1.5 x 25%); block 3 prefers the zeros guess.

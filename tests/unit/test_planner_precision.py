@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import tarflow.sampling.planner as planner_module
-from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.model import Guidance
 from tarflow.sampling import SEQUENTIAL, BlockSchedule, Plan, PlanCache, relative_residual, sample
+from tarflow.sampling.settings import parse_sampler
 from tests.unit.conftest import make_model
 from tests.unit.test_planner import RANKING
 

@@ -76,7 +76,7 @@ def test_tune_segments_keeps_the_fastest_count_for_the_segmented_blocks_only():
 
 
 def test_sampler_config_net_dtype_is_validated_and_lands_on_the_schedule():
-    from tarflow.lit.callbacks.sampler_config import parse_sampler
+    from tarflow.sampling.settings import parse_sampler
 
     settings = parse_sampler({"schedule": "jacobi", "net_dtype": "bf16", "check_every": 2})
     assert settings.net_dtype == "bfloat16"  # a plain string: the config stays serialisable
@@ -91,7 +91,7 @@ def test_sampler_config_net_dtype_is_validated_and_lands_on_the_schedule():
 
 
 def test_retired_tune_segments_key_says_what_replaced_it():
-    from tarflow.lit.callbacks.sampler_config import parse_sampler
+    from tarflow.sampling.settings import parse_sampler
 
     with pytest.raises(ValueError, match="planner: use schedule: auto"):
         parse_sampler({"schedule": "[1-4-8-10]", "tune_segments": True})

@@ -5,7 +5,7 @@ W&B gets native, interactive objects through the Lightning ``WandbLogger`` (``lo
 ``log_table``, and ``log_metrics`` with ``wandb.plot.bar`` / ``wandb.plot.line_series`` charts
 built on ``wandb.Table``). Any other logger with a ``log_dir`` (CSV, TensorBoard) gets the same
 content as files under ``<log_dir>/media/``: the tables as CSV, the charts as matplotlib PNGs
-(:mod:`tarflow.lit.callbacks.plots`), so a run without W&B still keeps its pictures next to
+(:mod:`tarflow.eval.plots`), so a run without W&B still keeps its pictures next to
 ``metrics.csv``. Called on global rank zero only.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from lightning.pytorch.loggers import Logger, WandbLogger
 from PIL import Image
 
-from tarflow.lit.callbacks.plots import bar_chart, convergence_chart
+from tarflow.eval.plots import bar_chart, convergence_chart
 
 GRID_KEY = "samples/grid"
 TABLE_KEY = "blocks/ranking"

@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import Dataset
 
 from tarflow.eval import FeatureStats
+from tarflow.eval.plots import image_grid
 from tarflow.lit.callbacks.media import RoundMedia
-from tarflow.lit.callbacks.plots import image_grid
-from tarflow.lit.callbacks.sample_set import ConvergenceTrace, IterationTally
 from tarflow.sampling import SEQUENTIAL, BlockRank, Plan, SamplingSchedule
+from tarflow.sampling.sample_set import ConvergenceTrace, IterationTally
 
 
 @dataclass

@@ -44,9 +44,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from tarflow.data.subsets import fixed_subset, stack_items
 from tarflow.eval import FeatureStats, InceptionFeatures, ReferenceStats, frechet_distance
 from tarflow.lit.callbacks.media import log_media
-from tarflow.lit.callbacks.reference import fixed_subset, logged_reference_stats, stack_items
+from tarflow.lit.callbacks.reference import logged_reference_stats
 from tarflow.lit.callbacks.rounds import (
     RoundResult,
     agree,
@@ -55,7 +56,11 @@ from tarflow.lit.callbacks.rounds import (
     round_media,
     round_metrics,
 )
-from tarflow.lit.callbacks.sample_set import (
+from tarflow.lit.fsdp import sampling_network
+from tarflow.model import TarFlow
+from tarflow.model.space import PixelSpace
+from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table
+from tarflow.sampling.sample_set import (
     ConvergenceTrace,
     IterationTally,
     SampledBatch,
@@ -64,11 +69,7 @@ from tarflow.lit.callbacks.sample_set import (
     save_shard,
     shard_indices,
 )
-from tarflow.lit.callbacks.sampler_config import parse_sampler
-from tarflow.lit.fsdp import sampling_network
-from tarflow.model import TarFlow
-from tarflow.model.space import PixelSpace
-from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table
+from tarflow.sampling.settings import parse_sampler
 
 
 def _plain(value: Any) -> Any:

@@ -16,13 +16,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tarflow.cli.checks import (
+from tarflow.app.checks.train import (
     check_fid_reference,
     check_sampler,
     checkpoint_file,
     normalise_schedule,
 )
-from tarflow.cli.sample_outputs import check_out_dir
+from tarflow.app.sample_outputs import check_out_dir
 from tarflow.conf import CONFIG_DIR
 from tarflow.model import CheckpointSummary, describe_checkpoint
 from tarflow.model.autoencoder import locate, resolve_autoencoder

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 
-from tarflow.cli.errors import root_cause
+from tarflow.app.errors import root_cause
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """A training sweep a user can read: ``tarflow-train -m module.optim.lr=1e-3,2e-3``.
 
 Every job writes ``train.json`` (its overrides and final metrics) into its directory, so the
-sweep's :class:`~tarflow.cli.sweep_summary.SweepSummary` callback (``tarflow/conf/train.yaml``)
+sweep's :class:`~tarflow.app.sweep_summary.SweepSummary` callback (``tarflow/conf/train.yaml``)
 can print and save one table (``<sweep dir>/summary.md``) when the sweep ends; and each job's
 W&B run joins the sweep's group and is named by the values it sweeps (all runs were called
 ``demo`` with ``group: null`` before).
@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from tarflow.cli.runs import is_secondary_process, write_keeping_previous
+from tarflow.app.runs import is_secondary_process, write_keeping_previous
 
 RESULT = "train.json"
 

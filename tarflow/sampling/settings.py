@@ -32,20 +32,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tarflow.model import Guidance, TarFlow
-from tarflow.sampling import (
-    BlockRank,
-    Plan,
-    PlanCache,
-    PlannerOptions,
-    SamplingSchedule,
-    build_schedule,
-    plan_key,
-    plan_schedule,
-    ranking_moved,
-    schedule_from_ranking,
-)
-from tarflow.sampling.planner import Timer
+from tarflow.sampling.plan import Plan, PlanCache, plan_key, ranking_moved
+from tarflow.sampling.planner import PlannerOptions, Timer, plan_schedule
 from tarflow.sampling.precision import dtype_name
+from tarflow.sampling.ranking import BlockRank, schedule_from_ranking
+from tarflow.sampling.schedule import SamplingSchedule, build_schedule
 
 AUTO = "auto"  # the planner
 PAPER = "auto:paper"  # the paper's fixed CRM/IGM rule

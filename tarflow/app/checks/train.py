@@ -2,7 +2,7 @@
 or ``.hydra`` record exists, with one clear message (bad input must cost seconds, not a run).
 
 The sampler and checkpoint helpers here are shared with ``tarflow-sample`` and ``tarflow-eval``
-(:mod:`tarflow.cli.sample_checks`).
+(:mod:`tarflow.app.checks.sample`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,9 @@ from hydra.utils import get_class
 from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
-from tarflow.cli.runs import holds_run, is_secondary_process
+from tarflow.app.runs import holds_run, is_secondary_process
 from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
-from tarflow.lit.callbacks.sampler_config import parse_sampler
 from tarflow.lit.callbacks.sampling import SamplingCallback
 from tarflow.lit.fsdp import is_fsdp
 from tarflow.lit.module import compile_options
@@ -34,6 +33,7 @@ from tarflow.model.autoencoder import AutoencoderRecord, resolve_autoencoder
 from tarflow.model.checkpoint import read_file, split_checkpoint
 from tarflow.model.sharded import is_sharded_checkpoint
 from tarflow.model.speed_losses import parse_speed_terms
+from tarflow.sampling.settings import parse_sampler
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tarflow.cli.runs import records_dirs
+from tarflow.app.runs import records_dirs
 from tarflow.lit.wandb_utils import checkpoint_run_dir
 from tarflow.model.checkpoint import read_file
 

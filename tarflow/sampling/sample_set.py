@@ -5,8 +5,8 @@ first, then its label. A rank therefore needs nothing but the indices it owns, a
 shards equals the single-process set whatever the world size. Shards are strided (rank ``r`` owns
 ``r, r + W, r + 2W, ...``) so every rank gets the same amount of work to within one sample.
 
-No Lightning here: the validation callback and the ``tarflow-sample`` / ``tarflow-eval`` commands
-share these helpers.
+The validation callback, ``tarflow-sample``, ``tarflow-eval`` and ``tarflow-bench --fid`` all draw
+their samples here, so one seed gives the same images through each of them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from tarflow.model import TarFlow
-from tarflow.sampling import SampleStats, SamplingSchedule, sample
+from tarflow.sampling.sample import SampleStats, sample
+from tarflow.sampling.schedule import SamplingSchedule
 
 
 def shard_indices(total: int, rank: int = 0, world_size: int = 1) -> list[int]:

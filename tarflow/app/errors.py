@@ -120,7 +120,7 @@ def _in_multirun() -> bool:
 def one_line_errors() -> Iterator[None]:
     """Turn a user error raised inside the block into ``error: ...`` and exit status 2; the
     run directory the command created is removed again when it is still empty."""
-    from tarflow.cli.runs import remove_new_run_dir
+    from tarflow.app.runs import remove_new_run_dir
 
     try:
         yield
