@@ -27,7 +27,6 @@ contain it changes nothing.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from tarflow.files import atomic_write
 
 RECORDS = ".hydra"
 # Environment variables that launchers set to a process's rank (node, global or local).
@@ -71,14 +72,6 @@ def _next_records_dir(run_dir: Path) -> Path:
     return top / str(max(taken, default=0) + 1)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Another process may read a record while it is written (DDP ranks restoring a resume)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_keeping_previous(path: Path, text: str) -> Path | None:
     """Write ``path`` atomically; an earlier file of that name is kept as ``<stem>.<k>.<ext>``
     (the next free k), so repeating a job into the same folder never loses its results.
@@ -91,8 +84,7 @@ def write_keeping_previous(path: Path, text: str) -> Path | None:
         while (kept := path.with_name(f"{path.stem}.{k}{path.suffix}")).exists():
             k += 1
         os.replace(path, kept)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, text)
+    atomic_write(path, text)
     return kept
 
 
@@ -113,7 +105,8 @@ def save_records(cfg: DictConfig, extra: dict[str, Any] | None = None) -> Path |
              "overrides.yaml": hydra.overrides.task, **(extra or {})}
     for name, content in files.items():
         node = content if OmegaConf.is_config(content) else OmegaConf.create(content)
-        _write_atomically(target / name, OmegaConf.to_yaml(node))
+        # Another process may read a record while it is written (DDP ranks restoring a resume).
+        atomic_write(target / name, OmegaConf.to_yaml(node))
     return target
 
 

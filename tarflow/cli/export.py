@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tarflow.app.errors import fail
-from tarflow.eval.fid import atomic_write
-from tarflow.lit.checkpoint_io import atomic_torch_save
+from tarflow.files import atomic_torch_save, atomic_write
 from tarflow.model.checkpoint import CheckpointError
 from tarflow.model.official import (
     official_config,
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"{' and '.join(existing)} already exist(s); pass --force to replace")
     atomic_torch_save(sd, path)
     record = _record(args, obj, config, which, dataset, path)
-    atomic_write(record_path, lambda h: h.write(json.dumps(record, indent=2).encode()))
+    atomic_write(record_path, json.dumps(record, indent=2))
     size = sum(v.numel() * v.element_size() for v in sd.values()) / 2**20
     print(f"wrote {path} ({which or 'unrecorded'} weights of {config.tag}, {size:.1f} MiB) "
           f"and {record_path.name}")

@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from tarflow.data.errors import DataError
-from tarflow.eval.fid import atomic_write
+from tarflow.files import atomic_torch_save, atomic_write
 
 FORMAT = "tarflow-latents/1"
 MANIFEST = "manifest.json"
@@ -53,12 +53,12 @@ def shard_count(count: int, shard_size: int) -> int:
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write(path, lambda h: h.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def write_shard(path: Path, payload: dict[str, torch.Tensor]) -> None:
     """Atomically write one shard (temporary file in the same directory, then rename)."""
-    atomic_write(path, lambda handle: torch.save(payload, handle))
+    atomic_torch_save(payload, path)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:

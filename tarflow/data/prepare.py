@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from tarflow.data.prepared import (
     looks_prepared,
     read_prepared,
 )
+from tarflow.files import atomic_write, fsync_dir, fsync_file
 
 __all__ = ["PREPARABLE", "prepare_dataset"]
 
@@ -50,26 +50,7 @@ LOCK = ".prepare.lock"
 
 
 def _durable_json(path: Path, data: Mapping[str, Any]) -> None:
-    """Write JSON via a temporary file, fsync it, rename it over ``path``, fsync the directory."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _file_print(path: Path) -> dict[str, Any]:
@@ -256,11 +237,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
-
-
 def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> None:
     """Copy the parts of one split not yet recorded, then give its files their final names."""
     info, c, s = plan["splits"][split], plan["channels"], plan["img_size"]
@@ -282,7 +258,7 @@ def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> 
             x, y, substituted = src.read(k, starts[k], workers)
             images[starts[k] : starts[k] + n], labels[starts[k] : starts[k] + n] = x, y
             images.flush(), labels.flush()
-            _fsync(partial["images"]), _fsync(partial["labels"])
+            fsync_file(partial["images"]), fsync_file(partial["labels"])
             done.append(k)
             progress_state["substituted"].setdefault(split, []).extend(substituted)
             _durable_json(out / PROGRESS, progress_state)
@@ -292,7 +268,7 @@ def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> 
     for key in ("images", "labels"):
         if partial[key].exists():
             os.replace(partial[key], paths[key])
-    _fsync_dir(paths["images"].parent)
+    fsync_dir(paths["images"].parent)
 
 
 def _run(out, plan, sources, progress, on_plan, workers) -> tuple[dict[str, Any], bool]:

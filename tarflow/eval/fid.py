@@ -10,8 +10,6 @@ run never silently compares against statistics for different images.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
@@ -21,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from tarflow.files import atomic_write
 
 if TYPE_CHECKING:
     from tarflow.eval.references import ReferenceStats
@@ -38,33 +38,6 @@ def _json_normalize(meta: Mapping[str, Any]) -> dict[str, Any]:
     # A JSON round trip turns tuples into lists etc., so saved and expected values compare equal
     # exactly when they would after reloading.
     return json.loads(json.dumps(dict(meta)))
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via a temporary file in the same directory, then rename over ``path``.
-
-    Readers (and a crash mid-write) never see a truncated file.
-
-    Args:
-        path: Final file path; parent directories are created.
-        write: Called with the open binary handle of the temporary file; ``handle.name`` is
-            its path.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.close(fd)
-        # Reopened by name so ``handle.name`` is the temporary path (fdopen would give the fd).
-        with open(tmp, "wb") as handle:
-            write(handle)
-        # mkstemp creates the file 0600; caches are shared, so give it the usual umask mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class FeatureStats:

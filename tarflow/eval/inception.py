@@ -21,7 +21,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
-from tarflow.eval.fid import atomic_write
+from tarflow.files import atomic_write
 
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 ENV_WEIGHTS = "TARFLOW_INCEPTION_WEIGHTS"

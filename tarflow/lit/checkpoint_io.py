@@ -11,24 +11,20 @@ Nothing is fsynced either, so a power loss may leave a renamed but empty file.
 
 :class:`AtomicCheckpointIO` writes the new file next to the destination (same directory, so
 the same filesystem), fsyncs it, renames it over the destination with ``os.replace`` (atomic on
-POSIX) and fsyncs the directory so the rename itself is durable. Remote URLs (``s3://``, ...)
-keep Lightning's code path, where the object store's upload is the commit.
+POSIX) and fsyncs the directory so the rename itself is durable
+(:func:`tarflow.files.atomic_torch_save`, the package's one atomic write). Remote URLs
+(``s3://``, ...) keep Lightning's code path, where the object store's upload is the commit.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-# Temporary files start with a dot and end in ".tmp", so Lightning's "last*.ckpt" / "*.ckpt"
-# scans of the checkpoint directory never mistake a half-written one for a checkpoint.
-_TMP_SUFFIX = ".tmp"
+from tarflow.files import atomic_torch_save
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -39,76 +35,6 @@ def _is_local(path: str | os.PathLike) -> bool:
 def _write(fd: int, data: bytes | memoryview) -> int:
     """One ``os.write``; a separate function so tests can make the lowest-level write fail."""
     return os.write(fd, data)
-
-
-class _FdWriter:
-    """The minimal file object ``torch.save`` needs, writing straight to a descriptor.
-
-    ``torch.save`` streams record by record into it, so a multi-gigabyte checkpoint is never
-    held twice in memory (Lightning's default first serialises into a ``BytesIO``).
-    """
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):  # os.write may write fewer bytes than asked
-            done += _write(self.fd, view[done:])
-        return done
-
-    def flush(self) -> None:
-        """Nothing is buffered here; fsync happens once, before the rename."""
-
-
-def _file_mode() -> int:
-    """The mode ``open()`` would give a new file: mkstemp's 0600 would hide checkpoints from
-    the rest of a team on a shared filesystem."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable (not all platforms can open a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # e.g. filesystems that do not support fsync on directories
-    finally:
-        os.close(fd)
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
-
-    Args:
-        obj: anything ``torch.save`` accepts.
-        path: destination file; its directory is created if needed.
-
-    Returns:
-        The destination path.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
-    try:
-        torch.save(obj, _FdWriter(fd))
-        os.fchmod(fd, _file_mode())
-        os.fsync(fd)  # the data must be on disk before the rename can expose it
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)  # the previous file was never touched; only the scratch copy goes
-        raise
-    os.close(fd)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    return target
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -129,7 +55,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         local = os.fspath(path).removeprefix("file://")
-        atomic_torch_save(checkpoint, local)
+        atomic_torch_save(checkpoint, local, write=_write)  # _write: read at call time
 
 
 def _rerooted(state: dict[str, Any], old: str, new: str) -> dict[str, Any] | None:

@@ -15,14 +15,16 @@ was replayed after the resume appears twice; the later row is the resumed run's.
 from __future__ import annotations
 
 import csv
+import io
 import os
-import tempfile
 from typing import Any
 
 from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from tarflow.files import atomic_write
 
 
 def _is_local(path: str) -> bool:
@@ -48,13 +50,12 @@ class _ContinuingWriter(ExperimentWriter):
             return
         with open(self.metrics_file_path, newline="") as handle:
             rows = list(csv.DictReader(handle))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
         # A crash during the rewrite must not cost the rows already written.
-        fd, tmp = tempfile.mkstemp(dir=self.log_dir, prefix=".metrics.", suffix=".tmp")
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fieldnames)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+        atomic_write(self.metrics_file_path, text.getvalue())
 
     def log_hparams(self, params: dict[str, Any]) -> None:
         self.hparams.update(params)

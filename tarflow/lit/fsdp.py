@@ -41,6 +41,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 from torch.nn import Module
 
+from tarflow.files import fsync_dir
 from tarflow.model import TarFlow
 from tarflow.model.layers import TransformerLayer
 
@@ -103,6 +104,7 @@ class TarFlowFSDPStrategy(FSDPStrategy):
             if final.exists():
                 os.replace(final, old)  # a crash between the renames leaves <name>.old whole
             os.replace(tmp, final)
+            fsync_dir(final.parent)  # the renames survive a power loss
             shutil.rmtree(old, ignore_errors=True)
         self.barrier("tarflow_fsdp_save_done")
 

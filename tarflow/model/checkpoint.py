@@ -8,9 +8,7 @@ fails with one :class:`CheckpointError` that names the offending keys instead of
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tarflow.files import atomic_torch_save
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.sharded import read_sharded
 
@@ -297,16 +296,6 @@ def load_weights(model: TarFlow, source: str | Path) -> str | None:
 
 
 def save_model(model: TarFlow, path: str | Path) -> Path:
-    """Atomic save: write to a temporary file in the same directory, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Save config and weights; atomic and durable (:func:`tarflow.files.atomic_torch_save`)."""
     payload = {"tarflow_config": model.config.to_dict(), "state_dict": model.state_dict()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_torch_save(payload, path)

@@ -23,16 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import platform
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tarflow.files import atomic_write
 from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.schedule import (
     NET_DTYPES,
@@ -345,12 +344,4 @@ class PlanCache:
         if self.path is None:
             self._memory = plans
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"version": PLAN_VERSION, "plans": plans}, f, indent=1)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, json.dumps({"version": PLAN_VERSION, "plans": plans}, indent=1))
