@@ -39,12 +39,11 @@ from tarflow.data.prepared import (
     looks_prepared,
     read_prepared,
 )
+from tarflow.data.registry import PREPARABLE, build_dataset
 from tarflow.files import atomic_write, fsync_dir, fsync_file
 
-__all__ = ["PREPARABLE", "prepare_dataset"]
+__all__ = ["prepare_dataset"]
 
-# Dataset names that read files, with the training size their data config uses.
-PREPARABLE = {"imagenet64": 64, "imagenet128": 128, "imagenet256": 256, "afhq": 256}
 _SAMPLE = 1 << 20  # bytes hashed at each end of an npz file
 LOCK = ".prepare.lock"
 
@@ -132,8 +131,6 @@ class _FolderSource:
 
 def _sources(name, root: Path, img_size, channels, splits, chunk) -> dict[str, Any]:
     """Check the sources of every split (nothing is written yet)."""
-    from tarflow.data import build_dataset  # the registry resolves folder layouts (AFHQ, splits)
-
     if name not in PREPARABLE:
         raise DataError(f"tarflow-prepare reads {sorted(PREPARABLE)}, not {name!r}")
     if not root.is_dir():

@@ -4,7 +4,6 @@ from tarflow.eval.fid import (
     FeatureStats,
     fid_from_batches,
     frechet_distance,
-    load_or_compute_reference,
     stats_from_batches,
 )
 from tarflow.eval.inception import (
@@ -15,7 +14,12 @@ from tarflow.eval.inception import (
     find_inception_weights,
     images_to_uint8,
 )
-from tarflow.eval.references import ReferenceStats, load_reference, reference_format
+from tarflow.eval.references import (
+    ReferenceStats,
+    load_or_compute_reference,
+    load_reference,
+    reference_format,
+)
 
 __all__ = [
     "WEIGHTS_FILENAME",

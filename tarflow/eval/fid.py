@@ -10,20 +10,15 @@ run never silently compares against statistics for different images.
 from __future__ import annotations
 
 import json
-import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from tarflow.files import atomic_write
-
-if TYPE_CHECKING:
-    from tarflow.eval.references import ReferenceStats
 
 ArrayLike = np.ndarray | Tensor
 
@@ -277,57 +272,3 @@ def fid_from_batches(
     ref_mu, ref_sigma = reference.mean_cov() if isinstance(reference, FeatureStats) else reference
     mu, sigma = stats_from_batches(batches, extractor, progress=progress).mean_cov()
     return frechet_distance(mu, sigma, ref_mu, ref_sigma)
-
-
-def _extractor_name(extractor: Callable[[Tensor], Tensor]) -> str:
-    return str(getattr(extractor, "name", type(extractor).__qualname__))
-
-
-def load_or_compute_reference(
-    path: str | Path,
-    batches_fn: Callable[[], Iterable[Tensor]],
-    extractor: Callable[[Tensor], Tensor],
-    meta: Mapping[str, Any],
-    *,
-    progress: bool = False,
-) -> FeatureStats | ReferenceStats:
-    """Reference statistics from a cache file, (re)computing them when absent or stale.
-
-    An external reference at ``path`` (a torchmetrics FID ``.pth`` or a plain ``mu``/``sigma``
-    ``.npz``, see :mod:`tarflow.eval.references`) is returned as a ``ReferenceStats`` and never
-    overwritten; a ``.pth`` that does not exist is an error, not a cache to fill.
-
-    ``meta`` gains an ``extractor`` entry (the extractor's ``name`` attribute, else its type)
-    unless it has one, so statistics from different feature networks never mix. A cache whose
-    meta differs, or that cannot be read, is recomputed and overwritten with a warning. Under
-    DDP, call this on one rank (or behind a barrier) so ranks do not race on the file.
-
-    Args:
-        path: Cache file (``.npz``).
-        batches_fn: Returns a fresh iterable of (B, C, H, W) images in [-1, 1]; called only
-            when the cache is missing or stale.
-        extractor: Feature extractor.
-        meta: Settings that determine the statistics (dataset, img_size, transform, ...).
-        progress: Show a tqdm bar while computing.
-    """
-    from tarflow.eval.references import load_reference, reference_format  # (import cycle)
-
-    path = Path(path)
-    full_meta = {"extractor": _extractor_name(extractor), **meta}
-    fmt = reference_format(path)
-    if fmt not in (None, "tarflow-npz"):
-        # An external reference (official torchmetrics .pth, plain mu/sigma .npz) belongs to
-        # the user: used as it is, never recomputed over.
-        return load_reference(path, expect=full_meta)
-    if fmt is None and path.suffix == ".pth":
-        raise FileNotFoundError(f"FID reference {path} does not exist; a .pth reference (a "
-                                f"torchmetrics FID state dict) is only read, never computed: "
-                                f"give an existing file, or an .npz path to compute and cache")
-    if path.exists():
-        try:
-            return FeatureStats.load(path, expect=full_meta)
-        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
-            warnings.warn(f"recomputing FID reference stats: {err}", stacklevel=2)
-    stats = stats_from_batches(batches_fn(), extractor, progress=progress, meta=full_meta)
-    stats.save(path)
-    return stats

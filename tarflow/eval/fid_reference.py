@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import Dataset
 
 from tarflow.data.subsets import fixed_subset, image_batches
-from tarflow.eval.fid import FeatureStats, load_or_compute_reference
-from tarflow.eval.references import ReferenceStats, reference_format
+from tarflow.eval.fid import FeatureStats
+from tarflow.eval.references import ReferenceStats, load_or_compute_reference, reference_format
 
 
 def describe_dataset(dataset: Dataset) -> dict[str, Any]:

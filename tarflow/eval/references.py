@@ -16,21 +16,25 @@ Three formats are read, each with ``weights_only=True`` / ``allow_pickle=False``
 
 The last two are external references: used as they are and never overwritten. Their sample
 count and provenance (format, path, SHA-256) travel with them in :class:`ReferenceStats`.
+:func:`load_or_compute_reference` reads any of the three, and computes and caches the first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from tarflow.eval.fid import FeatureStats
+from tarflow.eval.fid import FeatureStats, stats_from_batches
 
 TORCHMETRICS_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 # The official statistics are named {dataset}_{img_size}_fid_stats.pth: the only place their
@@ -192,3 +196,55 @@ def load_reference(path: str | Path, *, expect: dict[str, Any] | None = None) ->
             raise ValueError(f"FID reference {path} is for {meta['img_size']}px images (its "
                              f"name says so), but this run uses img_size={want}")
     return ReferenceStats(mu, sigma, count, meta)
+
+
+def _extractor_name(extractor: Callable[[Tensor], Tensor]) -> str:
+    return str(getattr(extractor, "name", type(extractor).__qualname__))
+
+
+def load_or_compute_reference(
+    path: str | Path,
+    batches_fn: Callable[[], Iterable[Tensor]],
+    extractor: Callable[[Tensor], Tensor],
+    meta: Mapping[str, Any],
+    *,
+    progress: bool = False,
+) -> FeatureStats | ReferenceStats:
+    """Reference statistics from a cache file, (re)computing them when absent or stale.
+
+    An external reference at ``path`` (a torchmetrics FID ``.pth`` or a plain ``mu``/``sigma``
+    ``.npz``, see :mod:`tarflow.eval.references`) is returned as a ``ReferenceStats`` and never
+    overwritten; a ``.pth`` that does not exist is an error, not a cache to fill.
+
+    ``meta`` gains an ``extractor`` entry (the extractor's ``name`` attribute, else its type)
+    unless it has one, so statistics from different feature networks never mix. A cache whose
+    meta differs, or that cannot be read, is recomputed and overwritten with a warning. Under
+    DDP, call this on one rank (or behind a barrier) so ranks do not race on the file.
+
+    Args:
+        path: Cache file (``.npz``).
+        batches_fn: Returns a fresh iterable of (B, C, H, W) images in [-1, 1]; called only
+            when the cache is missing or stale.
+        extractor: Feature extractor.
+        meta: Settings that determine the statistics (dataset, img_size, transform, ...).
+        progress: Show a tqdm bar while computing.
+    """
+    path = Path(path)
+    full_meta = {"extractor": _extractor_name(extractor), **meta}
+    fmt = reference_format(path)
+    if fmt not in (None, "tarflow-npz"):
+        # An external reference (official torchmetrics .pth, plain mu/sigma .npz) belongs to
+        # the user: used as it is, never recomputed over.
+        return load_reference(path, expect=full_meta)
+    if fmt is None and path.suffix == ".pth":
+        raise FileNotFoundError(f"FID reference {path} does not exist; a .pth reference (a "
+                                f"torchmetrics FID state dict) is only read, never computed: "
+                                f"give an existing file, or an .npz path to compute and cache")
+    if path.exists():
+        try:
+            return FeatureStats.load(path, expect=full_meta)
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as err:
+            warnings.warn(f"recomputing FID reference stats: {err}", stacklevel=2)
+    stats = stats_from_batches(batches_fn(), extractor, progress=progress, meta=full_meta)
+    stats.save(path)
+    return stats

@@ -7,12 +7,11 @@ from tarflow.model.checkpoint import (
     describe_checkpoint,
     infer_config,
     load_weights,
-    weights_mismatch,
 )
 from tarflow.model.config import PRESETS, TarFlowConfig, preset
 from tarflow.model.flow import FlowBlock
 from tarflow.model.guidance import Guidance
-from tarflow.model.tarflow import FlowOutput, TarFlow
+from tarflow.model.tarflow import FlowOutput, TarFlow, weights_mismatch
 
 __all__ = ["PRESETS", "CheckpointError", "CheckpointSummary", "FlowBlock", "FlowOutput",
            "Guidance", "KVCache", "TarFlow", "TarFlowConfig", "describe_checkpoint",

@@ -165,7 +165,7 @@ def infer_config(sd: dict[str, torch.Tensor], *, name: str | None = None,
     return TarFlowConfig(**{**found, **overrides})
 
 
-def _compare(model_sd: dict, file_sd: dict) -> list[str]:
+def compare_state_dicts(model_sd: dict, file_sd: dict) -> list[str]:
     """Human-readable differences between the model's keys/shapes and the file's."""
     problems = []
     missing = sorted(set(model_sd) - set(file_sd))
@@ -205,7 +205,7 @@ def load_model(cls: type[TarFlow], source: str | Path | dict, *,
     sd, stored = split_checkpoint(obj)
     config = _config_of(sd, stored, name, where, overrides)
     model = cls(config)
-    problems = _compare(model.state_dict(), sd)
+    problems = compare_state_dicts(model.state_dict(), sd)
     if problems:
         raise CheckpointError(f"{where} does not match a TarFlow {config.tag} "
                               f"(img {config.img_size}, classes {config.num_classes}): "
@@ -262,15 +262,6 @@ def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
                              dict(autoencoder) if isinstance(autoencoder, dict) else None)
 
 
-def weights_mismatch(config: TarFlowConfig, state: dict[str, torch.Tensor]) -> list[str]:
-    """Why ``state`` cannot be loaded into a TarFlow of ``config`` (empty when it can)."""
-    from tarflow.model.tarflow import TarFlow
-
-    with torch.device("meta"):  # shapes only: no memory, no initialisation work
-        model = TarFlow(config)
-    return _compare(model.state_dict(), state)
-
-
 def load_weights(model: TarFlow, source: str | Path) -> str | None:
     """Copy the network weights of any supported file into ``model`` (strict; fine-tuning).
 
@@ -286,7 +277,7 @@ def load_weights(model: TarFlow, source: str | Path) -> str | None:
     """
     obj = read_file(source, "cpu", mmap=True)
     state, _ = split_checkpoint(obj)
-    problems = _compare(model.state_dict(), state)
+    problems = compare_state_dicts(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"{source} does not fit the model {model.config.tag}: "
                               + " | ".join(problems))

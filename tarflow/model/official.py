@@ -25,9 +25,9 @@ from tarflow.model.checkpoint import (
     infer_config,
     read_file,
     split_checkpoint,
-    weights_mismatch,
 )
 from tarflow.model.config import TarFlowConfig
+from tarflow.model.tarflow import weights_mismatch
 
 # What the official code hard-codes (its Model defaults, used by its sampling script).
 OFFICIAL_HEAD_DIM = 64

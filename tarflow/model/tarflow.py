@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tarflow.model.checkpoint import compare_state_dicts, load_model, save_model
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.flow import make_block
 from tarflow.model.guidance import Guidance
@@ -154,12 +155,15 @@ class TarFlow(nn.Module):
         shapes; ``overrides`` set fields that shapes cannot tell (e.g. ``head_dim``, ``img_size``).
         Loading is ``strict=True`` and uses ``weights_only=True``.
         """
-        from tarflow.model.checkpoint import load_model
-
         return load_model(cls, source, map_location=map_location, **overrides)
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write ``{"tarflow_config", "state_dict"}`` atomically; read back by from_checkpoint."""
-        from tarflow.model.checkpoint import save_model
-
         return save_model(self, path)
+
+
+def weights_mismatch(config: TarFlowConfig, state: dict[str, torch.Tensor]) -> list[str]:
+    """Why ``state`` cannot be loaded into a TarFlow of ``config`` (empty when it can)."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation work
+        model = TarFlow(config)
+    return compare_state_dicts(model.state_dict(), state)
