@@ -33,7 +33,6 @@ from tarflow.sampling import (
 )
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.settings import parse_sampler
-from tarflow.sampling.tune import tune_segments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="methods: 'sequential', 'jacobi' (to --tol), 'jacobi:J' (J iterations per block), "
         "'auto' (the planner: per block the fastest of sequential / Jacobi / GS-Jacobi, timed on "
         "this device at each batch size; plans are cached in --plan-cache), 'auto:paper' (the "
-        "paper's fixed rule on the CRM/IGM ranking), 'auto:tuned' (the paper's rule with the "
-        "tough blocks' segment count timed), 'plain:J' (the GS-Jacobi authors' loop: J full "
-        "passes per block, no stopping test), the paper's notation such as '[3-8-32-10]' or the "
-        "explicit form '{3:S4/zeros, else:S1}'. A suffix '@bf16' runs that method's Jacobi "
+        "paper's fixed rule on the CRM/IGM ranking), 'plain:J' (the GS-Jacobi authors' loop: J "
+        "full passes per block, no stopping test), the paper's notation such as '[3-8-32-10]' or "
+        "the explicit form '{3:S4/zeros, else:S1}'. A suffix '@bf16' runs that method's Jacobi "
         "iterations with a bfloat16 network; iterates and stopping test keep --dtype. 'auto' "
         "considers a bf16 network by default and keeps it only where a pass measures faster "
         "and the samples stay within --tol of fp32 (its printed plan says why); 'auto@bf16' "
@@ -111,15 +109,14 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
                 fail(f"method {spec!r}: plain:J needs an iteration count, e.g. plain:10")
             methods[m] = Method(SamplingSchedule.jacobi(iters, init=args.init), plain_iters=iters)
             continue
-        if m in ("auto", "auto:paper", "auto:tuned"):
+        if m in ("auto", "auto:paper"):
             if ranking is None:
                 images, where = probe_images(args, model, space)
                 ranking = rank_blocks(model, images)
                 note = f"CRM/IGM ranking on {where}"
             paper = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol)
-            name = {"auto": "auto", "auto:paper": "auto_paper", "auto:tuned": "auto_tuned"}[m]
-            methods[name + suffix] = Method(paper, dtype, tune=m == "auto:tuned",
-                                            plan=m == "auto")
+            name = {"auto": "auto", "auto:paper": "auto_paper"}[m]
+            methods[name + suffix] = Method(paper, dtype, plan=m == "auto")
             continue
         try:
             schedule = build_schedule(m, init=args.init, tol=args.tol)
@@ -135,8 +132,8 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
 
 def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int, seed: int,
                    knobs: dict) -> dict[str, Method]:
-    """Methods whose schedule depends on the batch: planned ones (the planner, cached in
-    ``--plan-cache``) and tuned ones (``tune_segments`` on other noise), decided now."""
+    """Methods whose schedule depends on the batch (the planner's, cached in
+    ``--plan-cache``), decided now."""
     out = {}
     cache = PlanCache(args.plan_cache) if args.plan_cache else None
     for name, m in methods.items():
@@ -146,17 +143,6 @@ def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int,
             schedule, plan = settings.schedule_for(model, ranking, batch, cache=cache,
                                                    seed=seed)
             print(f"{name} at batch {batch}: {plan.table()}")
-            out[name] = replace(m, schedule=schedule)
-        elif m.tune:
-            g = torch.Generator(device=model.var.device).manual_seed(seed)
-            noise = model.sample_noise(batch, generator=g, dtype=model.var.dtype)
-            y = (torch.randint(0, model.config.num_classes, (batch,), generator=g,
-                               device=model.var.device) if model.config.conditional else None)
-            schedule, timings = tune_segments(model, m.schedule, noise, y,
-                                              net_dtype=m.net_dtype, **knobs)
-            print(f"{name} at batch {batch}: segments of the tough block(s) timed "
-                  + ", ".join(f"S={S}: {t * 1e3:.1f} ms" for S, t in timings.items())
-                  + f" -> {schedule.describe()}")
             out[name] = replace(m, schedule=schedule)
     return out
 
@@ -215,6 +201,8 @@ def with_compiled(methods: dict[str, Method], net, model, noise, y, knobs) -> di
 # Counts that must be at least this much (the value 0 would fail deep inside a sampler).
 _MINIMUM = {"batch": 1, "repeats": 1, "warmup": 0, "fid": 0, "fid_batch": 1, "probe": 1,
             "threads": 1}
+# Methods that were removed, and what replaced them (as RETIRED in tarflow.sampling.settings).
+RETIRED_METHODS = {"auto:tuned": "the planner times segment counts now: use 'auto'"}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -224,6 +212,9 @@ def check_args(args: argparse.Namespace) -> None:
         for value in values if isinstance(values, list) else [values]:
             if value is not None and value < least:
                 fail(f"--{key.replace('_', '-')} {value} must be >= {least}")
+    for spec in args.methods:
+        if (m := spec.partition("@")[0]) in RETIRED_METHODS:
+            fail(f"method {m!r} was removed: {RETIRED_METHODS[m]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = None
     if args.compile:
         compiled = compiled_copy(model, mode=None if args.compile == "default" else args.compile)
-    if any(m.plan or m.tune for m in methods.values()) and len(args.batch) > 1:
-        print(f"note: FID of planned/tuned methods uses their schedule for batch {args.batch[0]}")
+    if any(m.plan for m in methods.values()) and len(args.batch) > 1:
+        print(f"note: FID of planned methods uses their schedule for batch {args.batch[0]}")
     for B in args.batch:
         g = torch.Generator(device=args.device).manual_seed(args.seed)
         noise = model.sample_noise(B, generator=g, dtype=getattr(torch, args.dtype))
@@ -261,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)
         methods_b = {**methods, **decided}
         if B == args.batch[0]:
-            fid_methods = methods_b  # FID uses the schedules tuned for the first batch size
+            fid_methods = methods_b  # FID uses the schedules planned for the first batch size
         if compiled is not None:
             methods_b = with_compiled(methods_b, compiled, model, noise, y, knobs)
         rows = benchmark(model, noise, y, methods_b, repeats=args.repeats, warmup=args.warmup,

@@ -24,14 +24,13 @@ class Method:
     """A sampler to time: a schedule, optionally a low-precision network for its Jacobi
     iterations (``sample(..., net_dtype=...)``), or the plain fixed-iteration Jacobi loop.
 
-    ``tune`` / ``plan`` mark methods whose schedule is decided per batch size before timing
-    (``tune_segments`` / the planner, where ``net_dtype`` is the dtype it may use). ``net``, when
+    ``plan`` marks methods whose schedule the planner decides per batch size before timing
+    (``net_dtype`` is then the dtype it may use). ``net``, when
     set, is the network the method runs instead of the benchmark's (e.g. :func:`compiled_copy`).
     """
 
     schedule: SamplingSchedule
     net_dtype: str | None = None
-    tune: bool = False
     plan: bool = False
     plain_iters: int | None = None
     net: TarFlow | None = field(default=None, compare=False, repr=False)

@@ -36,7 +36,6 @@ from tarflow.sampling.schedule import (
     format_schedule,
     parse_schedule,
 )
-from tarflow.sampling.tune import tune_segments
 
 __all__ = [
     "SEQUENTIAL",
@@ -70,5 +69,4 @@ __all__ = [
     "sample_sequential",
     "schedule_from_ranking",
     "self_denoise",
-    "tune_segments",
 ]

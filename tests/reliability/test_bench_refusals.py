@@ -19,6 +19,9 @@ from tarflow.cli import bench
         pytest.param(["--fid-batch", "0", "--fid", "4"], "--fid-batch 0 must be >= 1",
                      id="fid-batch-0"),
         pytest.param(["--tol", "-0.5"], "tol=-0.5 must be >= 0", id="negative-tol"),
+        pytest.param(["--methods", "jacobi", "auto:tuned@bf16"],
+                     "method 'auto:tuned' was removed: the planner times segment counts now: "
+                     "use 'auto'", id="retired-auto-tuned"),
     ],
 )
 def test_bad_bench_input_is_one_line(capsys, args, fragment) -> None:

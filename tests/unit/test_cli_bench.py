@@ -74,16 +74,16 @@ def test_cli_errors_are_one_line(capsys):
     assert "cannot parse" in capsys.readouterr().err
 
 
-def test_bench_bf16_network_and_tuned_auto_rows(tmp_path, capsys):
+def test_bench_bf16_network_and_paper_rule_rows(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    bench.main(["--preset", "tiny", "--batch", "2", "--methods", "jacobi@bf16", "auto:tuned",
+    bench.main(["--preset", "tiny", "--batch", "2", "--methods", "jacobi@bf16", "auto:paper",
                 "--tol", "1e-10", "--repeats", "1", "--warmup", "0", "--probe", "8",
                 "--json", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"sequential", "jacobi@bfloat16", "auto_tuned"}
+    assert set(rows) == {"sequential", "jacobi@bfloat16", "auto_paper"}
     assert rows["jacobi@bfloat16"]["schedule"].endswith("@bfloat16")
     assert 0 < rows["jacobi@bfloat16"]["max_abs_err"] < 0.5  # bf16 network: close, not exact
-    assert rows["auto_tuned"]["max_abs_err"] < 1e-4
+    assert rows["auto_paper"]["max_abs_err"] < 1e-4
 
 
 def test_bench_plain_loop_row_matches_jacobi_at_equal_iterations(tmp_path):

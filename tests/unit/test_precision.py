@@ -57,24 +57,6 @@ def test_parse_dtype():
         parse_dtype("int8")
 
 
-def test_tune_segments_keeps_the_fastest_count_for_the_segmented_blocks_only():
-    from tarflow.sampling import BlockSchedule, tune_segments
-
-    model = make_model(3)
-    z, y = _inputs(model, batch=2)
-    schedule = SamplingSchedule({1: BlockSchedule(8, None, "zeros", 1e-8)},
-                                BlockSchedule(1, None, "z", 1e-8))
-    tuned, timings = tune_segments(model, schedule, z, y[:2], candidates=(1, 4, 999), repeats=1,
-                                   guidance=1.0)
-    N = model.config.num_patches
-    assert set(timings) == {1, 4, N}
-    best = min(timings, key=timings.get)
-    assert tuned.blocks[1] == BlockSchedule(best, None, "zeros", 1e-8)
-    assert tuned.default == schedule.default
-    plain = SamplingSchedule.jacobi(tol=1e-8)
-    assert tune_segments(model, plain, z, y[:2]) == (plain, {})
-
-
 def test_sampler_config_net_dtype_is_validated_and_lands_on_the_schedule():
     from tarflow.sampling.settings import parse_sampler
 
