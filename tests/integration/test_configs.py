@@ -15,7 +15,7 @@ from tarflow.cli.train import build
 from tarflow.lit import TarFlowDataModule, TarFlowLitModule
 from tarflow.lit.ema import EMA
 from tarflow.lit.wandb_utils import finish_wandb
-from tarflow.model import TarFlowConfig, preset
+from tarflow.model import PRESETS, TarFlowConfig, preset
 from tarflow.sampling import build_schedule
 from tests.integration.conftest import CONF_DIR, EXPERIMENTS, compose_train
 
@@ -43,6 +43,36 @@ def test_experiment_model_matches_preset(tmp_path: Path, experiment: str) -> Non
     if not experiment.startswith("demo"):
         assert cfg.module.optim.lr == 1e-4
         assert cfg.trainer.precision == "bf16-mixed"
+
+
+MODEL_FILES = sorted(f.stem for f in (CONF_DIR / "model").glob("*.yaml") if f.stem != "base")
+
+
+def test_every_model_file_has_a_preset() -> None:
+    """Presets are defined once: each conf/model file is a ring-1 preset (checked below)."""
+    assert MODEL_FILES and set(MODEL_FILES) <= set(PRESETS), set(MODEL_FILES) - set(PRESETS)
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_model_file_equals_its_preset_field_by_field(tmp_path: Path, name: str) -> None:
+    """``model=<name>`` builds exactly ``PRESETS[name]``, every field, noise_std included.
+
+    The files take image size, channels (and, for conditional models, classes) from the data
+    config by interpolation, so the data config is given the preset's values first.
+    """
+    want = PRESETS[name]
+    cfg = compose_train(tmp_path, [f"model={name}", "data=fake"])
+    data = {"img_size": want.img_size, "channels": want.in_channels,
+            "num_classes": want.num_classes, "latent_size": want.img_size,
+            "latent_channels": want.in_channels}
+    for key, value in data.items():
+        OmegaConf.update(cfg, f"data.{key}", value, force_add=True)
+    fields = OmegaConf.to_container(cfg.model, resolve=True)
+    fields.pop("autoencoder", None)  # latent models: where the autoencoder is, not a shape
+    got = TarFlowConfig(**fields)
+    differ = {k: (v, getattr(want, k)) for k, v in vars(got).items() if v != getattr(want, k)}
+    assert not differ, f"conf/model/{name}.yaml vs PRESETS[{name!r}] (yaml, preset): {differ}"
+    assert cfg.module.noise.std == want.noise_std  # what training uses
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

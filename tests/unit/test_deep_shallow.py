@@ -55,7 +55,7 @@ def test_bad_deep_shallow_configs_fail_clearly(bad, match):
 
 
 def test_an_even_list_is_the_plain_tarflow():
-    config = TarFlowConfig(8, 1, 2, 32, 2, [2, 2], 0, head_dim=16)
+    config = TarFlowConfig(8, 1, 2, 32, 2, [2, 2], 0, head_dim=16, noise_std=0.05)
     assert config == preset("tiny") and config.layers_per_block == 2
     assert TarFlowConfig(**preset("tiny_deep_shallow").to_dict()) == preset("tiny_deep_shallow")
 
