@@ -1,8 +1,9 @@
 """Ring 1: sampling TarFlow (sequential, Jacobi, GS-Jacobi), CRM/IGM ranking, schedules."""
 
 from tarflow.model.guidance import Guidance
+from tarflow.sampling.convergence import relative_residual
 from tarflow.sampling.denoise import self_denoise
-from tarflow.sampling.jacobi import BlockStats, gs_jacobi_block, relative_residual
+from tarflow.sampling.jacobi import BlockStats, gs_jacobi_block
 from tarflow.sampling.plan import (
     BlockPlan,
     Candidate,

@@ -14,6 +14,10 @@ Per-sample early exit: a sample whose residual falls below ``tol`` is written ba
 the working batch (its rows of the KV cache too), so converged samples cost nothing further.
 Overflow guard: a sample whose iterate goes non-finite is dropped from the block and re-solved with
 the exact sequential loop, with a warning; no NaN leaves this module silently.
+
+Steps, in :func:`gs_jacobi_block`'s order: ``_initial_guess``, then per segment ``_solve_segment``
+(``_segment_rows``; per iteration ``_jacobi_sweep``, ``convergence_test`` and ``_retire``, which
+writes converged samples back and compacts the KV cache), then ``_resolve_sequentially``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tarflow.model.attention import KVCache
 from tarflow.model.flow import FlowBlock
 from tarflow.model.guidance import Guidance
 from tarflow.model.permutation import permute
+from tarflow.sampling.convergence import convergence_test, done_mask, non_finite_rows
 from tarflow.sampling.schedule import BlockSchedule
 
 TraceFn = Callable[[dict], None]
@@ -61,58 +66,181 @@ class BlockStats:
         return int(sum(self.iters))
 
 
-def relative_residual(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """(B,) mean((new - old)^2) / mean(new^2) over all but the batch dim, in >= float32.
-
-    At least float32 because a bf16 difference of nearly equal iterates is meaningless; float64
-    iterates keep float64 so that tol = 0 means an exact fixed point in the working precision.
-    """
-    return convergence_test(new - old, new, 0.0, False)[0]
-
-
-def convergence_test(delta: torch.Tensor, segment: torch.Tensor, tol: float, freeze: bool
-                     ) -> tuple[torch.Tensor, int, bool]:
-    """One convergence test of a segment: few kernels and a single read-back to the host.
-
-    The relative residual of a sample is mean(delta^2) / mean(segment^2) over the segment's
-    L positions and D dims, with frozen positions contributing no change; as sums, that is
-    sum(delta^2) / sum(segment^2). A position may freeze when its own share of it, times L
-    (its mean squared change relative to the segment's), is within tol for every sample.
-
-    Args:
-        delta: (B, L', D) change of the unfrozen tail; segment: (B, L, D) the segment after it.
-
-    Returns:
-        (residual (B,) in >= float32, how many further leading positions may freeze (0
-        without ``freeze``), whether any sample is done: converged, or non-finite).
-    """
-    dtype = torch.promote_types(delta.dtype, torch.float32)
-    if delta.dtype != dtype:
-        delta, segment = delta.to(dtype), segment.to(dtype)
-    if freeze:
-        power = segment.square().sum((1, 2)).clamp_min(1e-30)  # (B,)
-        share = delta.square().sum(-1) / power[:, None]  # (B, L'): position shares of res
-        res = share.sum(1)
-        lead = (share.amax(0) <= tol / segment.shape[1]).to(dtype).cumprod(0).sum()
-    else:  # fewest kernels: this is the only test of a fixed-count solve
-        res = (torch.linalg.vector_norm(delta, dim=(1, 2))
-               / torch.linalg.vector_norm(segment, dim=(1, 2)).clamp_min(1e-15)).square()
-    # NaN and inf count as done (-1): one minimum says whether any sample is.
-    low = torch.nan_to_num(res, nan=-1.0, posinf=-1.0).amin()
-    if not freeze:
-        return res, 0, low.item() <= tol
-    low, lead = torch.stack([low, lead]).tolist()
-    return res, int(lead), low <= tol
-
-
-def _done(res: torch.Tensor, tol: float) -> torch.Tensor:
-    """(B,) bool: converged, or non-finite (NaN compares False both ways)."""
-    return ~((res > tol) & (res < float("inf")))
-
-
 def _net_rows(rows: torch.Tensor, batch: int, guided: bool) -> torch.Tensor:
     """Network-batch rows of sample rows: the cond rows, then their uncond twins at + B."""
     return torch.cat([rows, rows + batch]) if guided else rows
+
+
+@dataclass
+class _Block:
+    """What every step of one block's solve shares. ``xp`` is the iterate, updated in place."""
+
+    block: FlowBlock
+    net: FlowBlock  # runs the network passes (``block`` or a lower-precision copy)
+    net_dtype: torch.dtype
+    guidance: Guidance
+    zp: torch.Tensor  # (B, N, D) the block's sampling input in its token order
+    xp: torch.Tensor  # (B, N, D) the iterate, same order
+    cache: KVCache | None  # None: cacheless, full causal passes
+    cond: torch.Tensor | float  # class bias of every network row (B', 1, Ch), or a scalar
+    qs: torch.Tensor | None  # attention q-scale of every network row
+    tol: float
+    every: int  # test convergence every k-th iteration
+    step: int  # the frontier's advance per iteration (0: nothing is frozen)
+    callback: TraceFn | None
+    stats: BlockStats
+    broken: list[int] = field(default_factory=list)  # samples whose iterates went non-finite
+
+
+@dataclass
+class _Rows:
+    """The samples being solved in one segment [p, e), L = e - p, and their network state."""
+
+    ids: torch.Tensor  # (Ba,) sample ids
+    x: torch.Tensor  # (Ba, L + 1, D) fed tokens plus the last position; a view of xp if in_place
+    z: torch.Tensor  # (Ba, L, D)
+    cache: KVCache | None  # the K/V these rows attend to (the block's cache, or a compact copy)
+    cond: torch.Tensor | float
+    qs: torch.Tensor | None
+    in_place: bool  # all B samples, as views of xp (nothing to gather or write back)
+
+
+def _gathered(b: _Block, ids: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
+              cache: KVCache | None) -> _Rows:
+    """Samples ``ids`` held in copies (written back when they retire), with their network rows'
+    class bias and q-scale."""
+    nrows = _net_rows(ids, b.zp.shape[0], b.guidance.active)
+    cond = b.cond if not isinstance(b.cond, torch.Tensor) or b.cond.dim() == 0 else b.cond[nrows]
+    return _Rows(ids, x, z, cache, cond, None if b.qs is None else b.qs[nrows], in_place=False)
+
+
+def _initial_guess(zp: torch.Tensor, init: str) -> torch.Tensor:
+    """X^(0): the block's input itself, or [z_0, 0, ..., 0] (``init="zeros"``)."""
+    if init == "z":
+        return zp.clone()
+    xp = torch.zeros_like(zp)
+    xp[:, 0] = zp[:, 0]
+    return xp
+
+
+def _segment_rows(b: _Block, p: int, e: int) -> _Rows | None:
+    """All samples as views of xp (the common case), or the healthy ones gathered into copies
+    (None when none is left)."""
+    B = b.zp.shape[0]
+    if not b.broken:
+        return _Rows(torch.arange(B, device=b.zp.device), b.xp[:, p - 1:e], b.zp[:, p:e],
+                     b.cache, b.cond, b.qs, in_place=True)
+    keep = torch.ones(B, dtype=torch.bool, device=b.zp.device)
+    keep[b.broken] = False
+    ids = keep.nonzero().squeeze(1)  # (Ba,) samples still being solved here
+    if ids.numel() == 0:
+        return None
+    cache = (None if b.cache is None
+             else b.cache.select(_net_rows(ids, B, b.guidance.active), end=p - 1))
+    return _gathered(b, ids, b.xp[ids, p - 1:e], b.zp[ids, p:e], cache)  # (advanced indexing)
+
+
+def _jacobi_sweep(b: _Block, r: _Rows, src: torch.Tensor, start: int, keep: slice,
+                  pos: torch.Tensor, zs: torch.Tensor) -> torch.Tensor:
+    """One Jacobi update X' = z * exp(a(X)) + b(X) of the positions ``pos`` from the fed
+    tokens ``src`` (Ba, j1 - j0, D), which start at sequence position ``start``."""
+    fed = b.guidance.expand(src)
+    cast = b.net_dtype != b.zp.dtype
+    out = b.net.predict(fed.to(b.net_dtype) if cast else fed, cond=r.cond, start=start,
+                        cache=r.cache, q_scale=r.qs)  # (Ba', j1 - j0, 2D)
+    out = out[:, keep]  # (Ba', L - front, 2D): the unfrozen positions
+    sigma, mu = b.guidance.scale_shift(out.to(b.zp.dtype) if cast else out, pos,
+                                       b.zp.shape[1], b.block.sigma)  # (Ba, L - front, D) each
+    return torch.addcmul(mu, zs, sigma)
+
+
+def _retire(b: _Block, r: _Rows, res: torch.Tensor, ran: int, p: int, e: int, front: int, *,
+            last: bool, any_done: bool) -> _Rows | None:
+    """Retire converged (and broken) samples: results, counts and cache rows go back. Returns
+    the survivors in a compact cache, or None when the segment is finished."""
+    B, guided = b.zp.shape[0], b.guidance.active
+    if last and r.in_place:  # every sample finishes here, already in xp
+        b.stats.sample_iters += ran
+        torch.maximum(b.stats.residual, res.float(), out=b.stats.residual)
+        b.broken += non_finite_rows(res, r.ids) if any_done else []
+        return None
+    done = done_mask(res, b.tol)
+    leave = torch.ones_like(done) if last else done
+    gone = r.ids[leave]
+    if not r.in_place:
+        b.xp[gone, p:e] = r.x[leave, 1:]
+    b.stats.sample_iters[gone] += ran
+    b.stats.residual[gone] = torch.maximum(b.stats.residual[gone], res[leave].float())
+    b.broken += non_finite_rows(res, r.ids) if any_done else []
+    if b.cache is not None and r.cache is not b.cache:
+        local = _net_rows(leave.nonzero().squeeze(1), r.ids.numel(), guided)
+        b.cache.put(_net_rows(gone, B, guided), _slice(r.cache, local), p - 1, e - 1)
+    if last or bool(leave.all()):
+        return None
+    # KV-cache compaction: the survivors' rows move to a cache of their own.
+    stay = ~leave
+    ids = r.ids[stay]
+    cache = r.cache
+    if b.cache is not None:
+        cache = (b.cache.select(_net_rows(ids, B, guided), end=p - 1 + front)
+                 if r.cache is b.cache
+                 else _slice(r.cache, _net_rows(stay.nonzero().squeeze(1), r.ids.numel(), guided)))
+    return _gathered(b, ids, r.x[stay], r.z[stay], cache)
+
+
+def _solve_segment(b: _Block, seg: int, p: int, e: int, cap: int) -> int | None:
+    """Jacobi iterations on positions [p, e) until every sample is retired; returns how many
+    ran (None: no healthy sample is left to solve)."""
+    r = _segment_rows(b, p, e)
+    if r is None:
+        return None
+    L = e - p
+    positions = torch.arange(p, e, device=b.zp.device)
+    ran = 0
+    front = 0  # positions [p, p + front) are frozen: never fed or updated again
+    views = None  # slices for the current frontier and rows, rebuilt when either moves
+    for k in range(cap):
+        if views is None or views[0] != front:
+            # Tokens [p - 1 + front, e - 1) must be fed, attending to the cached K/V of
+            # everything before them; the window is padded to a multiple of 8 tokens (see
+            # _window), whose extra outputs are dropped.
+            j0, j1 = _window(L, front)
+            views = (front, j0, r.x[:, j0:j1], positions[front:], r.z[:, front:],
+                     r.x[:, front + 1:])
+        _, j0, src, pos, zs, tail = views  # tail: (Ba, L - front, D), the updated positions
+        new = _jacobi_sweep(b, r, src, p - 1 + j0, slice(front - j0, L - j0), pos, zs)
+        ran = k + 1
+        # After k + 1 iterations the first k + 1 positions are final (the system is
+        # triangular), so the frontier advances by one without any test.
+        last = ran == cap or front + 1 >= L
+        test = last or (b.tol > 0 and ran % b.every == 0)
+        if not (test or b.callback is not None):
+            tail.copy_(new)
+            front += b.step
+            continue
+        delta = new - tail
+        tail.copy_(new)
+        trace = {"block": b.block.index, "segment": seg, "iteration": ran, "residual": None,
+                 "active": r.ids.numel()}
+        if not test:  # traced but untested iteration
+            front += b.step
+            b.callback(trace)
+            continue
+        # Relative residual over the whole segment (frozen positions contribute no change).
+        # With ``freeze``, every further leading position whose change is within tol for
+        # all active samples stops too (exact at tol = 0: an unchanged prefix is a fixed
+        # point, hence the solution).
+        res, lead, any_done = convergence_test(delta, r.x[:, 1:], b.tol, b.step > 0)
+        front = min(front + max(b.step, lead), L)
+        last = last or front == L
+        if b.callback is not None:
+            b.callback({**trace, "residual": res.float()})
+        if last or any_done:
+            r = _retire(b, r, res, ran, p, e, front, last=last, any_done=any_done)
+            if r is None:
+                break
+            views = None
+    return ran
 
 
 @torch.no_grad()
@@ -144,18 +272,8 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
     """
     B, N, D = z.shape
     guidance = block.guided(guidance)
-    guided = guidance.active
-    zp = permute(z, block.flipped)
-    if schedule.init == "z":
-        xp = zp.clone()
-    else:  # [z_0, 0, ..., 0]
-        xp = torch.zeros_like(zp)
-        xp[:, 0] = zp[:, 0]
     net = block if net is None else net
     net_dtype = next(net.parameters()).dtype
-    cast = net_dtype != z.dtype
-    cond_all = net.class_bias(guidance.labels(y, B, z.device))  # (B', 1, Ch) or scalar
-    qs_all = guidance.q_scale(B, z.device, net_dtype)
     edges = schedule.boundaries(N)
     # A single segment fed whole every iteration needs no K/V cache: full causal passes, as in
     # the reference loop. That is what freeze=False asks for, and what freezing comes down to
@@ -165,142 +283,48 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
     cap_all = N - 1 if schedule.max_iters is None else schedule.max_iters
     cacheless = len(edges) == 2 and (not schedule.freeze
                                      or (schedule.tol == 0 and cap_all < (N - 1) // 2))
-    cache = None if cacheless else net.new_cache(B * (2 if guided else 1), dtype=net_dtype,
-                                                 device=z.device)
-    stats = BlockStats(block.index, len(edges) - 1,
-                       sample_iters=torch.zeros(B, dtype=torch.long, device=z.device),
-                       residual=torch.zeros(B, dtype=torch.float32, device=z.device))
-    broken: list[int] = []  # samples whose iterates went non-finite
-    tol, every = schedule.tol, schedule.check_every
-    step = 0 if cacheless else int(schedule.freeze)  # the frontier's advance per iteration
-
-    def pick(t, rows):
-        return t if not isinstance(t, torch.Tensor) or t.dim() == 0 else t[rows]
-
+    zp = permute(z, block.flipped)  # (B, N, D) in the block's token order
+    b = _Block(
+        block, net, net_dtype, guidance, zp, _initial_guess(zp, schedule.init),
+        cache=None if cacheless else net.new_cache(B * (2 if guidance.active else 1),
+                                                   dtype=net_dtype, device=z.device),
+        cond=net.class_bias(guidance.labels(y, B, z.device)),  # (B', 1, Ch) or scalar
+        qs=guidance.q_scale(B, z.device, net_dtype), tol=schedule.tol,
+        every=schedule.check_every, step=0 if cacheless else int(schedule.freeze),
+        callback=callback,
+        stats=BlockStats(block.index, len(edges) - 1,
+                         sample_iters=torch.zeros(B, dtype=torch.long, device=z.device),
+                         residual=torch.zeros(B, dtype=torch.float32, device=z.device)))
+    # The segment loop: segments are solved in order, each attending to the ones before.
     for seg, (s, e) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
         p = max(s, 1)  # position 0 is the identity and never needs solving
         if p >= e:
             continue
-        L = e - p
-        cap = L if schedule.max_iters is None else min(schedule.max_iters, L)
-        positions = torch.arange(p, e, device=z.device)
-        # All samples, as a view of xp that the iterations update in place (the common case:
-        # nothing to gather or write back), or the healthy ones gathered into a copy.
-        in_place = not broken
-        if in_place:
-            rows = torch.arange(B, device=z.device)
-            work, cond, qs = cache, cond_all, qs_all
-            seg_x = xp[:, p - 1:e]  # (B, L + 1, D): fed tokens plus the last position
-        else:
-            keep = torch.ones(B, dtype=torch.bool, device=z.device)
-            keep[broken] = False
-            rows = keep.nonzero().squeeze(1)  # (Ba,) samples still being solved here
-            if rows.numel() == 0:
-                break
-            nrows = _net_rows(rows, B, guided)
-            work = cache if cacheless else cache.select(nrows, end=p - 1)
-            cond, qs = pick(cond_all, nrows), None if qs_all is None else qs_all[nrows]
-            seg_x = xp[rows, p - 1:e]  # a copy (advanced indexing)
-        seg_z = zp[rows, p:e] if not in_place else zp[:, p:e]  # (Ba, L, D)
-        ran = 0
-        front = 0  # positions [p, p + front) are frozen: never fed or updated again
-        views = None  # slices for the current frontier and rows, rebuilt when either moves
-        for k in range(cap):
-            if views is None or views[0] != front:
-                # Tokens [p - 1 + front, e - 1) must be fed, attending to the cached K/V of
-                # everything before them; the window is padded to a multiple of 8 tokens (see
-                # _window), whose extra outputs are dropped.
-                j0, j1 = _window(L, front)
-                views = (front, j0, seg_x[:, j0:j1], positions[front:], seg_z[:, front:],
-                         seg_x[:, front + 1:])
-            _, j0, src, pos, zs, tail = views  # tail: (Ba, L - front, D), the updated positions
-            # Jacobi step on the segment's unfrozen part.
-            fed = guidance.expand(src)
-            out = net.predict(fed.to(net_dtype) if cast else fed, cond=cond, start=p - 1 + j0,
-                              cache=work, q_scale=qs)  # (Ba', j1 - j0, 2D)
-            out = out[:, front - j0:L - j0]  # (Ba', L - front, 2D): the unfrozen positions
-            sigma, mu = guidance.scale_shift(out.to(z.dtype) if cast else out, pos, N,
-                                             block.sigma)  # (Ba, L - front, D) each
-            new = torch.addcmul(mu, zs, sigma)
-            ran = k + 1
-            # After k + 1 iterations the first k + 1 positions are final (the system is
-            # triangular), so the frontier advances by one without any test.
-            last = ran == cap or front + 1 >= L
-            test = last or (tol > 0 and ran % every == 0)
-            if not (test or callback is not None):
-                tail.copy_(new)
-                front += step
-                continue
-            delta = new - tail
-            tail.copy_(new)
-            if not test:  # traced but untested iteration
-                front += step
-                callback({"block": block.index, "segment": seg, "iteration": ran,
-                          "residual": None, "active": rows.numel()})
-                continue
-            # Relative residual over the whole segment (frozen positions contribute no change).
-            # With ``freeze``, every further leading position whose change is within tol for
-            # all active samples stops too (exact at tol = 0: an unchanged prefix is a fixed
-            # point, hence the solution).
-            res, lead, any_done = convergence_test(delta, seg_x[:, 1:], tol, step > 0)
-            front = min(front + max(step, lead), L)
-            last = last or front == L
-            if callback is not None:
-                callback({"block": block.index, "segment": seg, "iteration": ran,
-                          "residual": res.float(), "active": rows.numel()})
-            if not (last or any_done):
-                continue
-            # Retire converged (and broken) samples: results and cache rows go back.
-            if last and in_place:  # every sample finishes here, already in xp
-                stats.sample_iters += ran
-                torch.maximum(stats.residual, res.float(), out=stats.residual)
-                broken += _non_finite(res, rows) if any_done else []
-                break
-            done = _done(res, tol)
-            leave = torch.ones_like(done) if last else done
-            gone = rows[leave]
-            if not in_place:
-                xp[gone, p:e] = seg_x[leave, 1:]
-            stats.sample_iters[gone] += ran
-            stats.residual[gone] = torch.maximum(stats.residual[gone], res[leave].float())
-            broken += _non_finite(res, rows) if any_done else []
-            if not cacheless and work is not cache:
-                local = _net_rows(leave.nonzero().squeeze(1), rows.numel(), guided)
-                cache.put(_net_rows(gone, B, guided), _slice(work, local), p - 1, e - 1)
-            if last or bool(leave.all()):
-                break
-            stay = ~leave
-            if not cacheless:  # the survivors' rows move to a compact cache
-                work = (cache.select(_net_rows(rows[stay], B, guided), end=p - 1 + front)
-                        if work is cache else
-                        _slice(work, _net_rows(stay.nonzero().squeeze(1), rows.numel(), guided)))
-            rows = rows[stay]
-            seg_x, seg_z = seg_x[stay], seg_z[stay]  # copies from now on: written back above
-            in_place, views = False, None
-            nrows = _net_rows(rows, B, guided)
-            cond = pick(cond_all, nrows)
-            qs = None if qs_all is None else qs_all[nrows]
-        stats.iters.append(ran)
-
-    x = permute(xp, block.flipped)
-    if broken:
-        bad = torch.tensor(sorted(broken), device=z.device)
-        stats.fallback = len(broken)
-        warnings.warn(f"GS-Jacobi iterates of block {block.index} went non-finite for "
-                      f"{len(broken)} of {B} samples; re-solving those with the sequential loop",
-                      RuntimeWarning, stacklevel=2)
-        x[bad] = block.reverse(z[bad], None if y is None else y[bad], guidance=guidance)
-        if not bool(torch.isfinite(x[bad]).all()):
-            warnings.warn(f"the sequential inverse of block {block.index} is non-finite too: the "
-                          f"model itself overflows on these samples (not a solver problem)",
-                          RuntimeWarning, stacklevel=2)
-    return x, stats
+        cap = e - p if schedule.max_iters is None else min(schedule.max_iters, e - p)
+        ran = _solve_segment(b, seg, p, e, cap)
+        if ran is None:  # every sample went non-finite
+            break
+        b.stats.iters.append(ran)
+    x = permute(b.xp, block.flipped)
+    if b.broken:
+        _resolve_sequentially(block, z, y, x, b, guidance)
+    return x, b.stats
 
 
-def _non_finite(res: torch.Tensor, rows: torch.Tensor) -> list[int]:
-    """Sample ids among ``rows`` whose residual (hence iterate) is not finite."""
-    bad = ~torch.isfinite(res)
-    return rows[bad].tolist() if bool(bad.any()) else []
+def _resolve_sequentially(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
+                          x: torch.Tensor, b: _Block, guidance: Guidance) -> None:
+    """The overflow guard: samples whose iterates went non-finite are solved again, in ``x``,
+    by the exact sequential loop."""
+    bad = torch.tensor(sorted(b.broken), device=z.device)
+    b.stats.fallback = len(b.broken)
+    warnings.warn(f"GS-Jacobi iterates of block {block.index} went non-finite for "
+                  f"{len(b.broken)} of {z.shape[0]} samples; re-solving those with the "
+                  f"sequential loop", RuntimeWarning, stacklevel=3)
+    x[bad] = block.reverse(z[bad], None if y is None else y[bad], guidance=guidance)
+    if not bool(torch.isfinite(x[bad]).all()):
+        warnings.warn(f"the sequential inverse of block {block.index} is non-finite too: the "
+                      f"model itself overflows on these samples (not a solver problem)",
+                      RuntimeWarning, stacklevel=3)
 
 
 def _window(L: int, front: int, align: int = 8) -> tuple[int, int]:

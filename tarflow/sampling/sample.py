@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tarflow.model import Guidance, TarFlow
+from tarflow.sampling.convergence import relative_residual
 from tarflow.sampling.denoise import self_denoise
-from tarflow.sampling.jacobi import BlockStats, TraceFn, gs_jacobi_block, relative_residual
+from tarflow.sampling.jacobi import BlockStats, TraceFn, gs_jacobi_block
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.schedule import SamplingSchedule
 

@@ -12,7 +12,8 @@ from dataclasses import replace
 import torch
 
 from tarflow.model import Guidance, TarFlow
-from tarflow.sampling.jacobi import convergence_test, gs_jacobi_block
+from tarflow.sampling.convergence import convergence_test
+from tarflow.sampling.jacobi import gs_jacobi_block
 from tarflow.sampling.plan import Candidate
 from tarflow.sampling.sample import _sync
 from tarflow.sampling.schedule import BlockSchedule
