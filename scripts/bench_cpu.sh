@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The CPU benchmark behind docs/benchmarks.md: the demo model, batch 1/4/16/64, the planner
 # (`auto`, and `auto@bf16` where it may use a bf16 network) against the sequential loop, Jacobi,
-# the paper's rule (`auto:paper`), its tuned segment count (`auto:tuned`) and hand schedules at
-# the quality-equal point, with FID@N of every method on the same noise; then the lean-iteration
-# check (`jacobi:10` vs the plain fixed-iteration loop at tol 0). Run on an otherwise idle machine.
+# the paper's rule (`auto:paper`) and hand schedules at the quality-equal point, with FID@N of
+# every method on the same noise; then the lean-iteration check (`jacobi:10` vs the plain
+# fixed-iteration loop at tol 0). Run on an otherwise idle machine.
 #
 #   scripts/bench_cpu.sh outputs/demo/<stamp>/checkpoints/last.ckpt [out_dir]
 #
@@ -21,7 +21,7 @@ common=(--threads "${THREADS:-2}" --data demo --guidance 1.0 --repeats 5 --warmu
 # Quality-equal point: tolerance 3e-3 (FID@N within 1% of sequential, see the FID lines).
 tarflow-bench "$CKPT" "${common[@]}" --batch 1 4 16 64 --tol 3e-3 --denoise 1.0 \
   --fid "$N" --fid-stats "$STATS" \
-  --methods auto auto@bf16 jacobi jacobi@bf16 auto:paper auto:tuned auto:tuned@bf16 \
+  --methods auto auto@bf16 jacobi jacobi@bf16 auto:paper \
   "[3-2-32-64]" "[3-4-16-64]" "[3-8-32-10]" \
   --json "$OUT/quality.json" | tee "$OUT/quality.md"
 # Lean iterations: 10 Jacobi iterations per block at tol 0, ours vs the plain loop.
