@@ -7,9 +7,12 @@ import argparse
 import torch
 
 from tarflow.app.errors import fail
-from tarflow.model import CheckpointError, TarFlow, describe_checkpoint, preset
-from tarflow.model.autoencoder import AutoencoderError, locate
-from tarflow.model.space import PixelSpace, make_space
+from tarflow.data import DataError
+from tarflow.model import CheckpointError, TarFlow, preset
+from tarflow.model.autoencoder import AutoencoderError
+from tarflow.model.loading import load_for_sampling
+from tarflow.model.space import PixelSpace
+from tarflow.sampling.choose import probe_batch
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +39,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                         "(the paper uses ~1000)")
 
 
-def load_model(args: argparse.Namespace) -> TarFlow:
-    dtype = getattr(torch, args.dtype)
+def load_model(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
+    """The network (a checkpoint, or a fresh ``--preset``) and its space, on ``--device``."""
     torch.manual_seed(args.seed)
     if args.preset:
         try:
@@ -46,53 +49,27 @@ def load_model(args: argparse.Namespace) -> TarFlow:
             fail(str(err))
         for block in model.blocks:
             torch.nn.init.normal_(block.proj_out.weight, std=args.init_std)
-    elif args.checkpoint:
-        extra = {"head_dim": args.head_dim} if args.head_dim else {}
-        try:
-            model = TarFlow.from_checkpoint(args.checkpoint, **extra)
-        except CheckpointError as err:
-            fail(str(err))
-    else:
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+        return model, PixelSpace(model.config)
+    if not args.checkpoint:
         fail("give a CHECKPOINT or --preset NAME")
-    return model.to(device=args.device, dtype=dtype).eval()
-
-
-def load_space(args: argparse.Namespace, model: TarFlow) -> PixelSpace:
-    """Pixels, or the autoencoder a latent checkpoint records (``--autoencoder-path``: a copy
-    of it), checked to be on this machine now rather than at the first decode."""
-    if not args.checkpoint or args.preset:
-        return PixelSpace(model.config)
+    extra = {"head_dim": args.head_dim} if args.head_dim else {}
     try:
-        space = make_space(model.config, describe_checkpoint(args.checkpoint).autoencoder,
-                           path=args.autoencoder_path)
-        if space.latent:
-            locate(space.record, args.autoencoder_path, key="--autoencoder-path")
+        loaded = load_for_sampling(args.checkpoint, device=args.device, dtype=args.dtype,
+                                   autoencoder_path=args.autoencoder_path,
+                                   autoencoder_key="--autoencoder-path", **extra)
     except (AutoencoderError, CheckpointError) as err:
         fail(str(err))
-    return space.to(args.device)
+    return loaded.net, loaded.space
 
 
 def probe_images(args: argparse.Namespace, model: TarFlow,
                  space: PixelSpace | None = None) -> tuple[torch.Tensor, str]:
     """(M, C, H, W) flow inputs for CRM/IGM (a latent model's: encoded images) and a word on
-    where they came from."""
-    space = space or PixelSpace(model.config)
-    if args.data:
-        from tarflow.data import build_dataset
-
-        channels, side, _ = space.image_shape
-        try:
-            ds = build_dataset(args.data, root=args.root, img_size=side,
-                               split="train", channels=channels, flip=False)
-        except (ValueError, FileNotFoundError) as err:
-            fail(str(err))
-        g = torch.Generator().manual_seed(args.seed)
-        idx = torch.randperm(len(ds), generator=g)[: args.probe].tolist()
-        images = space.flow_inputs(torch.stack([ds[i][0] for i in idx]).to(args.device))
-        where = f"{len(idx)} {args.data} images"
-    else:
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        noise = model.sample_noise(args.probe, generator=g)
-        images = model.reverse(noise)
-        where = f"{args.probe} sequential samples of the model (no --data given)"
-    return images.to(device=args.device, dtype=next(model.parameters()).dtype), where
+    where they came from: ``--probe`` images of ``--data``, or the model's own samples."""
+    probe = {"dataset": args.data, "root": args.root, "size": args.probe, "seed": args.seed}
+    try:
+        images, where = probe_batch(model, probe, space)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    return images, where.replace("probe.dataset is null", "no --data given")

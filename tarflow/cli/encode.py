@@ -39,7 +39,6 @@ from torch.utils.data import DataLoader, Dataset
 from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.logs import job_log
 from tarflow.app.runs import save_records
-from tarflow.cli.sample import pick_device
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
 from tarflow.data.latents import (
@@ -54,6 +53,7 @@ from tarflow.data.latents import (
     write_shard,
 )
 from tarflow.model.autoencoder import Autoencoder, AutoencoderRecord, resolve_autoencoder
+from tarflow.model.loading import pick_device
 
 SPLITS = ("train", "val")
 

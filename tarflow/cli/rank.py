@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tarflow.cli.common import add_data_args, add_model_args, load_model, load_space, probe_images
+from tarflow.cli.common import add_data_args, add_model_args, load_model, probe_images
 from tarflow.sampling import format_schedule, rank_blocks, ranking_table, schedule_from_ranking
 from tarflow.sampling.ranking import ranking_records
 
@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model = load_model(args)
-    images, where = probe_images(args, model, load_space(args, model))
+    model, space = load_model(args)
+    images, where = probe_images(args, model, space)
     ranking = rank_blocks(model, images, norm=args.norm)
     schedule = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol,
                                      tough_factor=args.tough_factor,
