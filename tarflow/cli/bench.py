@@ -16,10 +16,12 @@ from functools import partial
 
 import torch
 
+from tarflow.app.checks.common import refuse_low_counts
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
 from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
+from tarflow.model.guidance import RULES
 from tarflow.sampling import (
     PlanCache,
     SamplingSchedule,
@@ -29,6 +31,7 @@ from tarflow.sampling import (
 )
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.sample_set import fixed_inputs
+from tarflow.sampling.schedule import INITS
 from tarflow.sampling.settings import parse_sampler
 from tarflow.sampling.tune import tune_segments
 
@@ -55,13 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["jacobi", "auto"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--tol", type=float, default=1e-3, help="stopping tolerance for every method")
-    p.add_argument("--init", default="z", choices=["z", "zeros"])
+    p.add_argument("--init", default="z", choices=INITS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true")
-    p.add_argument("--guidance-rule", default="linear", choices=["linear", "starflow"],
+    p.add_argument("--guidance-rule", default="linear", choices=sorted(RULES),
                    help="linear (TarFlow) or starflow (STARFlow's Gaussian rule)")
     p.add_argument("--plan-cache", default="data/sampling_plans.json", help="JSON file of the "
                    "planner's plans, shared with tarflow-sample/-eval ('' = plan afresh)")
@@ -192,22 +195,13 @@ def with_compiled(methods: dict[str, Method], net, model, noise, y, knobs) -> di
 
 
 # Counts that must be at least this much (the value 0 would fail deep inside a sampler).
-_MINIMUM = {"batch": 1, "repeats": 1, "warmup": 0, "fid": 0, "fid_batch": 1, "probe": 1,
-            "threads": 1}
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse counts that cannot work, in one line, before the model is loaded."""
-    for key, least in _MINIMUM.items():
-        values = getattr(args, key, None)
-        for value in values if isinstance(values, list) else [values]:
-            if value is not None and value < least:
-                fail(f"--{key.replace('_', '-')} {value} must be >= {least}")
+MINIMUM = {"batch": 1, "repeats": 1, "warmup": 0, "fid": 0, "fid_batch": 1, "probe": 1,
+           "threads": 1}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_args(args)
+    refuse_low_counts(args, MINIMUM)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, space = load_model(args)

@@ -7,10 +7,10 @@ import argparse
 import torch
 
 from tarflow.app.errors import fail
-from tarflow.data import DataError
-from tarflow.model import CheckpointError, TarFlow, preset
+from tarflow.data import DATASETS, DataError
+from tarflow.model import PRESETS, CheckpointError, TarFlow, preset
 from tarflow.model.autoencoder import AutoencoderError
-from tarflow.model.loading import load_for_sampling
+from tarflow.model.loading import DTYPES, load_for_sampling
 from tarflow.model.space import PixelSpace
 from tarflow.sampling.choose import probe_batch
 
@@ -18,22 +18,23 @@ from tarflow.sampling.choose import probe_batch
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="official .pth, Lightning .ckpt or our .pt "
                         "file (or use --preset for randomly initialised weights)")
-    parser.add_argument("--preset", help="build a fresh model from a preset/P-Ch-T-K tag instead "
-                        "of loading a checkpoint (benchmark the cost of an architecture)")
+    parser.add_argument("--preset", help="build a fresh model from a preset "
+                        f"({', '.join(sorted(PRESETS))}) or a P-Ch-T-K tag instead of loading "
+                        "a checkpoint (benchmark the cost of an architecture)")
     parser.add_argument("--init-std", type=float, default=0.02, help="with --preset: std of the "
                         "random proj_out weights (a zero proj_out is the trivial identity)")
     parser.add_argument("--head-dim", type=int, help="attention head width if the checkpoint "
                         "carries no config (official files: 64, the default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--autoencoder-path", help="latent models: a copy of the checkpoint's "
                         "autoencoder where its recorded path is not on this machine")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="dataset for the CRM/IGM probe batch: demo, fake, "
-                        "imagenet64, imagenet128, afhq (default: the model's own samples)")
+    parser.add_argument("--data", choices=sorted(DATASETS), help="dataset for the CRM/IGM "
+                        "probe batch (default: the model's own samples)")
     parser.add_argument("--root", help="dataset root for imagenet/afhq")
     parser.add_argument("--probe", type=int, default=256, help="images in the probe batch "
                         "(the paper uses ~1000)")

@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
 from tarflow.app.checks.sample import check_sample_config, sample_job
 from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, one_line_errors
