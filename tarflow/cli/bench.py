@@ -12,18 +12,16 @@ import json
 import platform
 import time
 from dataclasses import replace
+from functools import partial
 
 import torch
 
-from tarflow.cli.common import (
-    add_data_args,
-    add_model_args,
-    fail,
-    load_model,
-    load_space,
-    probe_images,
-)
+from tarflow.app.checks.common import refuse_low_counts
+from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
+from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
+from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
+from tarflow.model.guidance import RULES
 from tarflow.sampling import (
     PlanCache,
     SamplingSchedule,
@@ -32,6 +30,8 @@ from tarflow.sampling import (
     schedule_from_ranking,
 )
 from tarflow.sampling.precision import dtype_name
+from tarflow.sampling.sample_set import fixed_inputs
+from tarflow.sampling.schedule import INITS
 from tarflow.sampling.settings import parse_sampler
 
 
@@ -56,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=["jacobi", "auto"])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--tol", type=float, default=1e-3, help="stopping tolerance for every method")
-    p.add_argument("--init", default="z", choices=["z", "zeros"])
+    p.add_argument("--init", default="z", choices=INITS)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--attn-temp", type=float, default=1.0)
     p.add_argument("--annealed", action="store_true")
-    p.add_argument("--guidance-rule", default="linear", choices=["linear", "starflow"],
+    p.add_argument("--guidance-rule", default="linear", choices=sorted(RULES),
                    help="linear (TarFlow) or starflow (STARFlow's Gaussian rule)")
     p.add_argument("--plan-cache", default="data/sampling_plans.json", help="JSON file of the "
                    "planner's plans, shared with tarflow-sample/-eval ('' = plan afresh)")
@@ -148,41 +148,23 @@ def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int,
 
 
 def fid_per_method(args, model, methods: dict[str, Method], space) -> dict[str, float]:
-    """FID@N of each method (and sequential) on identical per-sample-seeded noise and labels
-    (a latent model's samples decoded first)."""
-    from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance, load_reference
-
+    """FID@N of each method (and sequential) on the fixed sample set: member i from seed
+    ``--seed + i``, as in validation and ``tarflow-eval`` (a latent model's samples decoded)."""
     if not args.fid_stats:
         fail("--fid needs --fid-stats (reference statistics of the data)")
     try:
         reference = load_reference(args.fid_stats, expect={"img_size": space.image_shape[1]})
-        extractor = InceptionFeatures(args.inception_weights)
+        extractor = feature_extractor(InceptionFeatures(args.inception_weights),
+                                      device=args.device)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    cfg = model.config
-    dtype = getattr(torch, args.dtype)
-    noise, labels = [], []
-    for i in range(args.fid):  # member i depends on its own seed only
-        g = torch.Generator(device=args.device).manual_seed(args.seed + i)
-        noise.append(model.sample_noise(1, generator=g, dtype=dtype))
-        if cfg.conditional:
-            labels.append(torch.randint(0, cfg.num_classes, (1,), generator=g,
-                                        device=args.device))
-    noise = torch.cat(noise)
-    labels = torch.cat(labels) if labels else None
-    mu_r, sigma_r = reference.mean_cov()
+    knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
+                 guidance_rule=args.guidance_rule, denoise=args.denoise)
     out = {}
     for name, method in {"sequential": Method(SamplingSchedule.sequential()), **methods}.items():
-        stats = FeatureStats()
-        for s in range(0, args.fid, args.fid_batch):
-            y = None if labels is None else labels[s:s + args.fid_batch]
-            images, _ = method.run(model, noise[s:s + args.fid_batch], y,
-                                   guidance=args.guidance, attn_temp=args.attn_temp,
-                                   annealed=args.annealed, guidance_rule=args.guidance_rule,
-                                   denoise=args.denoise)
-            stats.update(extractor(space.decode(images).float().clamp(-1, 1)))
-        mu, sigma = stats.mean_cov()
-        out[name] = frechet_distance(mu, sigma, mu_r, sigma_r)
+        out[name], _ = fid_at_n(model, None, reference, extractor, num_samples=args.fid,
+                                seed=args.seed, batch_size=args.fid_batch, space=space,
+                                draw=partial(method.run, model, **knobs))
     return out
 
 
@@ -199,31 +181,26 @@ def with_compiled(methods: dict[str, Method], net, model, noise, y, knobs) -> di
 
 
 # Counts that must be at least this much (the value 0 would fail deep inside a sampler).
-_MINIMUM = {"batch": 1, "repeats": 1, "warmup": 0, "fid": 0, "fid_batch": 1, "probe": 1,
-            "threads": 1}
+MINIMUM = {"batch": 1, "repeats": 1, "warmup": 0, "fid": 0, "fid_batch": 1, "probe": 1,
+           "threads": 1}
 # Methods that were removed, and what replaced them (as RETIRED in tarflow.sampling.settings).
 RETIRED_METHODS = {"auto:tuned": "the planner times segment counts now: use 'auto'"}
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Refuse counts that cannot work, in one line, before the model is loaded."""
-    for key, least in _MINIMUM.items():
-        values = getattr(args, key, None)
-        for value in values if isinstance(values, list) else [values]:
-            if value is not None and value < least:
-                fail(f"--{key.replace('_', '-')} {value} must be >= {least}")
-    for spec in args.methods:
+def refuse_retired_methods(methods: list[str]) -> None:
+    """Name a removed method and its replacement, in one line, before the model is loaded."""
+    for spec in methods:
         if (m := spec.partition("@")[0]) in RETIRED_METHODS:
             fail(f"method {m!r} was removed: {RETIRED_METHODS[m]}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_args(args)
+    refuse_low_counts(args, MINIMUM)
+    refuse_retired_methods(args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args)
-    space = load_space(args, model)
+    model, space = load_model(args)
     methods, (note, ranking) = resolve_methods(args, model, space)
     cfg = model.config
     if space.latent:
@@ -243,10 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(m.plan for m in methods.values()) and len(args.batch) > 1:
         print(f"note: FID of planned methods uses their schedule for batch {args.batch[0]}")
     for B in args.batch:
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        noise = model.sample_noise(B, generator=g, dtype=getattr(torch, args.dtype))
-        y = (torch.randint(0, cfg.num_classes, (B,), generator=g, device=args.device)
-             if cfg.conditional else None)
+        noise, y = fixed_inputs(model, range(B), args.seed)  # the set's first B members
         knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
                      guidance_rule=args.guidance_rule)
         decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)

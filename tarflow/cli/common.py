@@ -7,37 +7,41 @@ import argparse
 import torch
 
 from tarflow.app.errors import fail
-from tarflow.model import CheckpointError, TarFlow, describe_checkpoint, preset
-from tarflow.model.autoencoder import AutoencoderError, locate
-from tarflow.model.space import PixelSpace, make_space
+from tarflow.data import DATASETS, DataError
+from tarflow.model import PRESETS, CheckpointError, TarFlow, preset
+from tarflow.model.autoencoder import AutoencoderError
+from tarflow.model.loading import DTYPES, load_for_sampling
+from tarflow.model.space import PixelSpace
+from tarflow.sampling.choose import probe_batch
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="official .pth, Lightning .ckpt or our .pt "
                         "file (or use --preset for randomly initialised weights)")
-    parser.add_argument("--preset", help="build a fresh model from a preset/P-Ch-T-K tag instead "
-                        "of loading a checkpoint (benchmark the cost of an architecture)")
+    parser.add_argument("--preset", help="build a fresh model from a preset "
+                        f"({', '.join(sorted(PRESETS))}) or a P-Ch-T-K tag instead of loading "
+                        "a checkpoint (benchmark the cost of an architecture)")
     parser.add_argument("--init-std", type=float, default=0.02, help="with --preset: std of the "
                         "random proj_out weights (a zero proj_out is the trivial identity)")
     parser.add_argument("--head-dim", type=int, help="attention head width if the checkpoint "
                         "carries no config (official files: 64, the default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--autoencoder-path", help="latent models: a copy of the checkpoint's "
                         "autoencoder where its recorded path is not on this machine")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", help="dataset for the CRM/IGM probe batch: demo, fake, "
-                        "imagenet64, imagenet128, afhq (default: the model's own samples)")
+    parser.add_argument("--data", choices=sorted(DATASETS), help="dataset for the CRM/IGM "
+                        "probe batch (default: the model's own samples)")
     parser.add_argument("--root", help="dataset root for imagenet/afhq")
     parser.add_argument("--probe", type=int, default=256, help="images in the probe batch "
                         "(the paper uses ~1000)")
 
 
-def load_model(args: argparse.Namespace) -> TarFlow:
-    dtype = getattr(torch, args.dtype)
+def load_model(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
+    """The network (a checkpoint, or a fresh ``--preset``) and its space, on ``--device``."""
     torch.manual_seed(args.seed)
     if args.preset:
         try:
@@ -46,53 +50,27 @@ def load_model(args: argparse.Namespace) -> TarFlow:
             fail(str(err))
         for block in model.blocks:
             torch.nn.init.normal_(block.proj_out.weight, std=args.init_std)
-    elif args.checkpoint:
-        extra = {"head_dim": args.head_dim} if args.head_dim else {}
-        try:
-            model = TarFlow.from_checkpoint(args.checkpoint, **extra)
-        except CheckpointError as err:
-            fail(str(err))
-    else:
+        model = model.to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+        return model, PixelSpace(model.config)
+    if not args.checkpoint:
         fail("give a CHECKPOINT or --preset NAME")
-    return model.to(device=args.device, dtype=dtype).eval()
-
-
-def load_space(args: argparse.Namespace, model: TarFlow) -> PixelSpace:
-    """Pixels, or the autoencoder a latent checkpoint records (``--autoencoder-path``: a copy
-    of it), checked to be on this machine now rather than at the first decode."""
-    if not args.checkpoint or args.preset:
-        return PixelSpace(model.config)
+    extra = {"head_dim": args.head_dim} if args.head_dim else {}
     try:
-        space = make_space(model.config, describe_checkpoint(args.checkpoint).autoencoder,
-                           path=args.autoencoder_path)
-        if space.latent:
-            locate(space.record, args.autoencoder_path, key="--autoencoder-path")
+        loaded = load_for_sampling(args.checkpoint, device=args.device, dtype=args.dtype,
+                                   autoencoder_path=args.autoencoder_path,
+                                   autoencoder_key="--autoencoder-path", **extra)
     except (AutoencoderError, CheckpointError) as err:
         fail(str(err))
-    return space.to(args.device)
+    return loaded.net, loaded.space
 
 
 def probe_images(args: argparse.Namespace, model: TarFlow,
                  space: PixelSpace | None = None) -> tuple[torch.Tensor, str]:
     """(M, C, H, W) flow inputs for CRM/IGM (a latent model's: encoded images) and a word on
-    where they came from."""
-    space = space or PixelSpace(model.config)
-    if args.data:
-        from tarflow.data import build_dataset
-
-        channels, side, _ = space.image_shape
-        try:
-            ds = build_dataset(args.data, root=args.root, img_size=side,
-                               split="train", channels=channels, flip=False)
-        except (ValueError, FileNotFoundError) as err:
-            fail(str(err))
-        g = torch.Generator().manual_seed(args.seed)
-        idx = torch.randperm(len(ds), generator=g)[: args.probe].tolist()
-        images = space.flow_inputs(torch.stack([ds[i][0] for i in idx]).to(args.device))
-        where = f"{len(idx)} {args.data} images"
-    else:
-        g = torch.Generator(device=args.device).manual_seed(args.seed)
-        noise = model.sample_noise(args.probe, generator=g)
-        images = model.reverse(noise)
-        where = f"{args.probe} sequential samples of the model (no --data given)"
-    return images.to(device=args.device, dtype=next(model.parameters()).dtype), where
+    where they came from: ``--probe`` images of ``--data``, or the model's own samples."""
+    probe = {"dataset": args.data, "root": args.root, "size": args.probe, "seed": args.seed}
+    try:
+        images, where = probe_batch(model, probe, space)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    return images, where.replace("probe.dataset is null", "no --data given")

@@ -15,16 +15,16 @@ digits); images are read without random flips, and ``encode.flip=true`` stores e
 in both orientations (the reader picks one at random per access).
 
 Safe to interrupt: shard k (items ``[k * shard_size, (k + 1) * shard_size)`` of a split) is
-written to a temporary file and renamed, ``plan.json`` fixes what is being encoded, and
-``manifest.json`` is written last, after every shard exists; running the same command again
-encodes only the missing shards, and a different configuration aimed at the same directory is
-refused. Under ``torchrun`` rank r of W encodes the shards k with ``k % W == r`` (shard files do
-not depend on W, so a resume may use another world size) and rank 0 writes the manifest.
+written to a temporary file and renamed, ``plan.json`` (the draft manifest) fixes what is
+being encoded, and ``manifest.json`` is written last, after every shard exists; running the
+same command again encodes only the missing shards, and a different configuration aimed at the
+same directory is refused. Under ``torchrun`` rank r of W encodes the shards k with
+``k % W == r`` (shard files do not depend on W, so a resume may use another world size) and
+rank 0 writes the manifest.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -36,26 +36,22 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
+from tarflow.app.checks.encode import check_encode_config, claim_out_dir, manifest_draft
 from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.logs import job_log
 from tarflow.app.runs import save_records
-from tarflow.cli.sample import pick_device
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
 from tarflow.data.latents import (
-    FORMAT,
     MANIFEST,
     PLAN,
-    STORAGE_DTYPES,
     read_manifest,
-    shard_count,
     shard_name,
     write_json,
     write_shard,
 )
-from tarflow.model.autoencoder import Autoencoder, AutoencoderRecord, resolve_autoencoder
-
-SPLITS = ("train", "val")
+from tarflow.model.autoencoder import Autoencoder
+from tarflow.model.loading import pick_device
 
 
 def _world() -> tuple[int, int]:
@@ -75,89 +71,6 @@ def _datasets(cfg: DictConfig) -> dict[str, Dataset]:
                                    img_size=int(data["img_size"]), split=source_split,
                                    channels=int(data["channels"]), flip=False, **extra)
     return out
-
-
-def make_plan(cfg: DictConfig, record: AutoencoderRecord,
-              datasets: dict[str, Dataset]) -> dict[str, Any]:
-    """What this command encodes: the manifest, less the word that it is complete."""
-    data, enc = OmegaConf.to_container(cfg.data, resolve=True), cfg.encode
-    size = int(enc.shard_size)
-    side = int(data["img_size"]) // record.downsample
-    splits = {}
-    for split, ds in datasets.items():
-        n = len(ds)
-        splits[split] = {"count": n, "shards": [
-            {"file": shard_name(split, k), "count": min(size, n - k * size)}
-            for k in range(shard_count(n, size))]}
-    return {
-        "format": FORMAT,
-        "autoencoder": record.to_dict(),
-        "source": {"name": str(data["name"]), "root": None if data.get("root") is None
-                   else str(Path(str(data["root"])).expanduser().resolve()),
-                   "img_size": int(data["img_size"]), "channels": int(data["channels"]),
-                   "num_classes": int(data["num_classes"]),
-                   "dataset_kwargs": dict(data.get("dataset_kwargs") or {})},
-        "latent_shape": [record.latent_channels, side, side],
-        "storage_dtype": str(enc.storage_dtype),
-        "flip": "both" if enc.flip else "none",
-        "shard_size": size,
-        "splits": splits,
-    }
-
-
-def _comparable(plan: dict[str, Any]) -> dict[str, Any]:
-    """A plan without what may change between an interrupted run and its resume (the
-    autoencoder's location and chunk size, the data's location)."""
-    ae = AutoencoderRecord.from_dict(plan["autoencoder"])
-    source = {k: v for k, v in plan["source"].items() if k != "root"}
-    rest = {k: v for k, v in plan.items() if k not in ("autoencoder", "source", "complete")}
-    return {**rest, "source": source, "autoencoder": {**ae.identity(), "dtype": ae.dtype}}
-
-
-def check_encode_config(cfg: DictConfig) -> AutoencoderRecord:
-    """Refuse settings that cannot work before any image is read (one line each)."""
-    spec = cfg.model.get("autoencoder")
-    if not spec:
-        raise ValueError("model.autoencoder is not set: choose a latent experiment, e.g. "
-                         "tarflow-encode experiment=demo_latent")
-    enc = cfg.encode
-    if not enc.get("out_dir"):
-        raise ValueError("encode.out_dir is not set (it defaults to data.latents)")
-    bad = sorted(set(enc.splits) - set(SPLITS))
-    if bad or not enc.splits:
-        raise ValueError(f"encode.splits={list(enc.splits)} must name some of {list(SPLITS)}")
-    for key in ("shard_size", "batch_size"):
-        if int(enc[key]) < 1:
-            raise ValueError(f"encode.{key}={enc[key]} must be >= 1")
-    if str(enc.storage_dtype) not in STORAGE_DTYPES:
-        raise ValueError(f"encode.storage_dtype={enc.storage_dtype} must be one of "
-                         f"{STORAGE_DTYPES}")
-    record = resolve_autoencoder(OmegaConf.to_container(spec, resolve=True))
-    if int(cfg.data.img_size) % record.downsample:
-        raise ValueError(f"data.img_size={cfg.data.img_size} is not divisible by the "
-                         f"autoencoder's downsampling {record.downsample}")
-    if int(cfg.data.channels) != record.image_channels:
-        raise ValueError(f"data.channels={cfg.data.channels} but the autoencoder takes "
-                         f"{record.image_channels}-channel images")
-    return record
-
-
-def _claim(out: Path, plan: dict[str, Any]) -> bool:
-    """Compare with what the directory already holds; True when it is complete already."""
-    for name in (MANIFEST, PLAN):
-        path = out / name
-        if not path.is_file():
-            continue
-        theirs = read_manifest(out) if name == MANIFEST else json.loads(path.read_text())
-        if _comparable(theirs) != _comparable(plan):
-            differ = sorted(k for k, v in _comparable(plan).items()
-                            if _comparable(theirs).get(k) != v)
-            raise ValueError(f"encode.out_dir {out} holds latents of another configuration "
-                             f"(differs in {', '.join(differ)}); choose another encode.out_dir "
-                             f"(data.latents) or delete that directory")
-        if name == MANIFEST:
-            return True
-    return False
 
 
 def _encode_shards(autoencoder: Autoencoder, ds: Dataset, shards: list[tuple[int, int, int]],
@@ -208,17 +121,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     record = check_encode_config(cfg)
     datasets = _datasets(cfg)  # a wrong data.root fails here, before anything is written
-    plan = make_plan(cfg, record, datasets)
+    draft = manifest_draft(cfg, record, datasets)
     out = Path(str(cfg.encode.out_dir)).expanduser()
     rank, world = _world()
-    if _claim(out, plan):
+    if claim_out_dir(out, draft):
         print(f"{out} already holds these latents ({MANIFEST} is complete); nothing to do")
         return read_manifest(out)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if rank == 0:
         save_records(cfg)
-        write_json(out / PLAN, plan)
+        write_json(out / PLAN, draft)
     device = pick_device(cfg.encode.get("device"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -227,11 +140,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         autoencoder = Autoencoder.load(record, device=device)
         dtype = getattr(torch, str(cfg.encode.storage_dtype))
         size = int(cfg.encode.shard_size)
-        todo = [(split, k) for split, info in plan["splits"].items()
+        todo = [(split, k) for split, info in draft["splits"].items()
                 for k in range(len(info["shards"])) if k % world == rank
                 and not (out / shard_name(split, k)).is_file()]  # finished shards stay
-        bar = _progress(len(todo), plan, bool(cfg.encode.progress) and rank == 0)
-        for split, info in plan["splits"].items():
+        bar = _progress(len(todo), draft, bool(cfg.encode.progress) and rank == 0)
+        for split, info in draft["splits"].items():
             mine = [(k, k * size, k * size + info["shards"][k]["count"])
                     for s, k in todo if s == split]
             for k, payload in _encode_shards(
@@ -250,28 +163,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise
     _agree(False)
     # Every rank looks (they share the directory), so all raise together or none does.
-    missing = [s["file"] for info in plan["splits"].values() for s in info["shards"]
+    missing = [s["file"] for info in draft["splits"].values() for s in info["shards"]
                if not (out / s["file"]).is_file()]
     if missing:
         raise RuntimeError(f"{len(missing)} shard(s) missing after encoding, e.g. "
                            f"{missing[0]}; run the command again")
     if rank == 0:
-        write_json(out / MANIFEST, {**plan, "complete": True})
-        counts = ", ".join(f"{s} {info['count']}" for s, info in plan["splits"].items())
-        print(f"encoded {counts} images into {plan['latent_shape']} latents "
-              f"(flips: {plan['flip']}, stored as {plan['storage_dtype']}) in {out}; this run "
+        write_json(out / MANIFEST, {**draft, "complete": True})
+        counts = ", ".join(f"{s} {info['count']}" for s, info in draft["splits"].items())
+        print(f"encoded {counts} images into {draft['latent_shape']} latents "
+              f"(flips: {draft['flip']}, stored as {draft['storage_dtype']}) in {out}; this run "
               f"encoded {done} in {time.perf_counter() - t0:.1f} s; manifest {out / MANIFEST}")
     if world > 1 and dist.is_initialized():
         dist.barrier()  # nobody reads the manifest before rank 0 wrote it
         dist.destroy_process_group()
-    return {**plan, "complete": True}
+    return {**draft, "complete": True}
 
 
-def _progress(total: int, plan: dict[str, Any], enabled: bool):
+def _progress(total: int, draft: dict[str, Any], enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="encoding shards", unit="shard", disable=not enabled,
-                postfix={"images per shard": plan["shard_size"]})
+                postfix={"images per shard": draft["shard_size"]})
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="encode")

@@ -32,38 +32,31 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
 from tarflow.app.checks.sample import check_eval_config, fid_stats_path
 from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.eval_sampler import choose_sampler, sampler_lines
 from tarflow.app.logs import job_log
 from tarflow.app.runs import save_records, write_keeping_previous
-from tarflow.cli.sample import (
-    load_network,
-    load_space,
-    progress_bar,
-    resolve_schedule,
-    summary_of,
-)
 from tarflow.conf import CONFIG_DIR
-from tarflow.data import build_dataset, gaussian_noise, uniform_dequantize
-from tarflow.data.subsets import stack_items
-from tarflow.eval import FeatureStats, InceptionFeatures, frechet_distance
+from tarflow.data import build_dataset
+from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
 from tarflow.eval.fid_reference import reference_provenance, reference_stats
+from tarflow.eval.likelihood import likelihood
 from tarflow.model import TarFlow
+from tarflow.model.loading import load_for_sampling
 from tarflow.model.space import PixelSpace
-from tarflow.sampling.sample_set import IterationTally, sample_batches
+from tarflow.sampling.choose import choose_schedule
+from tarflow.sampling.sample_set import run_summary
 from tarflow.sampling.settings import parse_sampler
 
 log = logging.getLogger(__name__)
@@ -76,125 +69,38 @@ def _dataset(space: PixelSpace, data: dict[str, Any], split: str):
                          channels=channels, flip=False, **(data.get("dataset_kwargs") or {}))
 
 
-def _mean_over(dataset, score, *, batch_size: int, max_images: int | None, progress: bool,
-               desc: str) -> tuple[float, int, float]:
-    """(mean of ``score(x, y, start)`` over the first ``max_images`` items, items, seconds)."""
-    count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    total, seen = 0.0, 0
-    t0 = time.perf_counter()
-    starts = range(0, count, batch_size)
-    for start in progress_bar(starts, len(starts), progress, desc):
-        x, y = stack_items(dataset, range(start, min(start + batch_size, count)))
-        values = score(x, y, start)  # (B,)
-        total += float(values.double().sum())
-        seen += values.shape[0]
-    return total / max(seen, 1), seen, time.perf_counter() - t0
-
-
-def _per_image(x: torch.Tensor, seed: int, start: int, noise) -> torch.Tensor:
-    """``noise(x_j, generator)`` for each image j of a batch, its CPU generator seeded
-    ``seed + start + j``: the result depends on neither the device nor the batch size."""
-    gens = [torch.Generator().manual_seed(seed + start + j) for j in range(x.shape[0])]
-    return torch.cat([noise(x[j:j + 1], g) for j, g in enumerate(gens)])
-
-
-@torch.no_grad()
-def bits_per_dim(net: TarFlow, dataset, *, batch_size: int, max_images: int | None = None,
-                 seed: int = 0, progress: bool = False) -> dict[str, float]:
-    """Mean bits/dim over (the first ``max_images`` of) a dataset, uniform dequantisation
-    (image j's noise from a CPU generator seeded ``seed + j``)."""
-    param = next(net.parameters())
-
-    def score(x, y, start):
-        x = _per_image(x, seed, start, uniform_dequantize)
-        labels = y.to(param.device) if net.config.conditional else None
-        return net.bits_per_dim(x.to(param.device, param.dtype), labels)
-
-    mean, seen, seconds = _mean_over(dataset, score, batch_size=batch_size,
-                                     max_images=max_images, progress=progress, desc="bpd")
-    return {"val/bpd": mean, "bpd_images": seen, "bpd_seconds": seconds}
-
-
-@torch.no_grad()
-def latent_nll(net: TarFlow, space: PixelSpace, dataset, *, batch_size: int,
-               max_images: int | None = None, seed: int = 0,
-               progress: bool = False) -> dict[str, float]:
-    """Mean ``val/latent_nll`` of a latent model: images encoded by its autoencoder, plus the
-    training noise sigma in latent space (image j's noise seeded ``seed + j``), scored by the
-    flow in nats per latent dimension (the training objective)."""
-    param = next(net.parameters())
-    sigma = float(net.config.noise_std)
-
-    def score(x, y, start):
-        z = space.flow_inputs(x.to(param.device)).float().cpu()  # (B, c, h, w)
-        z = _per_image(z, seed, start, lambda zj, g: gaussian_noise(zj, sigma, g))
-        labels = y.to(param.device) if net.config.conditional else None
-        return net.nll(z.to(param.device, param.dtype), labels)
-
-    mean, seen, seconds = _mean_over(dataset, score, batch_size=batch_size,
-                                     max_images=max_images, progress=progress,
-                                     desc="latent nll")
-    return {"val/latent_nll": mean, "latent_nll_images": seen, "latent_nll_seconds": seconds}
-
-
-def _extractor(fid: dict[str, Any], device: torch.device):
-    """Inception (default), or the ``fid.extractor`` object a config instantiated."""
-    extractor = fid.get("extractor")
-    if extractor is None:
-        extractor = InceptionFeatures(fid.get("inception_weights"),
-                                      batch_size=int(fid.get("feature_batch_size") or 64))
-    if isinstance(extractor, torch.nn.Module):
-        extractor = extractor.to(device).eval()
-    return extractor
-
-
-@torch.no_grad()
-def fid_at_n(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str, Any],
-             progress: bool = False, space: PixelSpace | None = None) -> dict[str, Any]:
-    """Sample the fixed set of ``fid.num_samples`` images with ``cfg.sampler`` and score it
-    (a latent model's samples decoded by ``space`` first)."""
-    space = space or PixelSpace(net.config)
+def _fid(net: TarFlow, cfg: DictConfig, data: dict[str, Any], fid: dict[str, Any],
+         progress: bool, space: PixelSpace) -> dict[str, Any]:
+    """FID@N with ``cfg.sampler`` against the cached reference statistics of the data, and
+    what it cost (:func:`tarflow.eval.fid_at_n.fid_at_n` does the work)."""
     settings = parse_sampler(OmegaConf.to_container(cfg.sampler, resolve=True))
     probe = {"dataset": data["name"], "root": data.get("root"),
              "dataset_kwargs": data.get("dataset_kwargs"),
              **OmegaConf.to_container(cfg.get("probe") or {}, resolve=True)}
     n, batch = int(fid["num_samples"]), int(fid.get("batch_size") or 64)
-    schedule, plan = resolve_schedule(settings, net, probe, batch_size=min(batch, n),
-                                      plan_cache=cfg.paths.get("plan_cache"), space=space)
+    schedule, plan = choose_schedule(settings, net, batch_size=min(batch, n), probe=probe,
+                                     plan_cache=cfg.paths.get("plan_cache"), space=space)
     device = next(net.parameters()).device
-    extractor = _extractor(fid, device)
+    feature_batch = int(fid.get("feature_batch_size") or 64)
+    extractor = feature_extractor(fid.get("extractor"), weights=fid.get("inception_weights"),
+                                  batch_size=feature_batch, device=device)
     ref_split = fid.get("reference_split") or "train"
-    ref_ds = _dataset(space, data, ref_split)
     stats_path = fid_stats_path(cfg, space.image_shape)
     t0 = time.perf_counter()
-    reference = reference_stats(stats_path, ref_ds, extractor, split=ref_split,
-                                count=int(fid.get("reference_size") or 500),
+    reference = reference_stats(stats_path, _dataset(space, data, ref_split), extractor,
+                                split=ref_split, count=int(fid.get("reference_size") or 500),
                                 seed=int(fid.get("reference_seed") or 0),
-                                batch_size=int(fid.get("feature_batch_size") or 64),
-                                device=device, progress=progress)
+                                batch_size=feature_batch, device=device, progress=progress)
     ref_seconds = time.perf_counter() - t0
-    tally = IterationTally(net.config.num_blocks)
-    features = FeatureStats()
-    feature_seconds = decode_seconds = 0.0
-    batches = sample_batches(net, range(n), schedule, seed=int(fid.get("seed") or 0),
-                             batch_size=batch, knobs=settings.knobs)
-    for b in progress_bar(batches, math.ceil(n / batch), progress, f"FID@{n}"):
-        tally.add(b)
-        t1 = time.perf_counter()
-        images = space.decode(b.images).float()  # latent models: decoded, in chunks
-        t2 = time.perf_counter()
-        features.update(extractor(images))
-        decode_seconds += t2 - t1
-        feature_seconds += time.perf_counter() - t2
-    mu, sigma = features.mean_cov()
-    ref_mu, ref_sigma = reference.mean_cov()
-    return {f"val/fid_{n}": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-            **summary_of(settings, schedule, tally, plan),
+    value, run = fid_at_n(net, schedule, reference, extractor, num_samples=n,
+                          seed=int(fid.get("seed") or 0), batch_size=batch,
+                          knobs=settings.knobs, space=space, progress=progress)
+    return {f"val/fid_{n}": value, **run_summary(settings, schedule, run.tally, plan),
             # The file read: named for the images it holds when fewer exist than asked for.
             "fid_stats_path": reference.meta.get("path", stats_path),
             "fid_reference": reference_provenance(reference),
-            "reference_seconds": ref_seconds, "feature_seconds": feature_seconds,
-            **({"decode_seconds": decode_seconds} if space.latent else {})}
+            "reference_seconds": ref_seconds, "feature_seconds": run.feature_seconds,
+            **({"decode_seconds": run.decode_seconds} if space.latent else {})}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -203,8 +109,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sampling = choose_sampler(cfg, _task_overrides()) if cfg.fid.enabled else None
     checked = check_eval_config(cfg)  # also fills in cfg.data from the checkpoint's record
     save_records(cfg)
-    net = load_network(cfg.ckpt_path, cfg.get("device"), cfg.get("dtype", "float32"))
-    space = load_space(checked, net, cfg.get("autoencoder_path")).to(next(net.parameters()).device)
+    loaded = load_for_sampling(cfg.ckpt_path, device=cfg.get("device"),
+                               dtype=cfg.get("dtype", "float32"),
+                               autoencoder_path=cfg.get("autoencoder_path"), summary=checked)
+    net, space = loaded.net, loaded.space
     data = OmegaConf.to_container(cfg.data, resolve=True)
     progress = bool(cfg.get("progress", True))
     results: dict[str, Any] = {"checkpoint": str(checked.path.resolve()),
@@ -215,10 +123,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["autoencoder"] = space.record.to_dict()
     if cfg.bpd.enabled:  # the likelihood pass: pixel bits/dim, or a latent model's latent NLL
         ds = _dataset(space, data, data.get("split") or "val")
-        score = partial(latent_nll, net, space) if space.latent else partial(bits_per_dim, net)
-        results.update(score(ds, batch_size=int(data.get("batch_size") or 256),
-                             max_images=data.get("max_images"),
-                             seed=int(cfg.bpd.get("seed") or 0), progress=progress))
+        results.update(likelihood(net, space, ds, batch_size=int(data.get("batch_size") or 256),
+                                  max_images=data.get("max_images"),
+                                  seed=int(cfg.bpd.get("seed") or 0), progress=progress))
     if cfg.fid.enabled:
         # instantiate() turns an `extractor: {_target_: ...}` node into the object (tests use a
         # small seeded conv net); everything else stays plain.
@@ -228,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for line in sampler_lines(sampling, used):
             print(line)
         results.update(sampler_settings=used, **sampling)
-        results.update(fid_at_n(net, cfg, data, fid, progress, space))
+        results.update(_fid(net, cfg, data, fid, progress, space))
     out = Path(cfg.out_dir)
     kept = write_keeping_previous(out / "eval.json", json.dumps(results, indent=2, default=str))
     if kept is not None:

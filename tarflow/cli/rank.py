@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from tarflow.cli.common import add_data_args, add_model_args, load_model, load_space, probe_images
+from tarflow.cli.common import add_data_args, add_model_args, load_model, probe_images
 from tarflow.sampling import format_schedule, rank_blocks, ranking_table, schedule_from_ranking
-from tarflow.sampling.ranking import ranking_records
+from tarflow.sampling.ranking import NORMS, ranking_records
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: tarflow-rank outputs/demo/.../checkpoints/last.ckpt --data demo")
     add_model_args(p)
     add_data_args(p)
-    p.add_argument("--norm", default="spectral", choices=["spectral", "1", "fro"])
+    p.add_argument("--norm", default="spectral", choices=list(NORMS))
     p.add_argument("--tol", type=float, default=1e-3, help="tolerance of the suggested schedule")
     p.add_argument("--tough-factor", type=float, default=1.5)
     p.add_argument("--tough-segments", type=int, default=8)
@@ -28,8 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    model = load_model(args)
-    images, where = probe_images(args, model, load_space(args, model))
+    model, space = load_model(args)
+    images, where = probe_images(args, model, space)
     ranking = rank_blocks(model, images, norm=args.norm)
     schedule = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol,
                                      tough_factor=args.tough_factor,

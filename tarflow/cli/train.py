@@ -44,6 +44,7 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
 from tarflow.app.checks.train import check_config
 from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, one_line_errors
@@ -51,8 +52,8 @@ from tarflow.app.logs import held_file_log, job_log
 from tarflow.app.runs import Resume, config_changes, describe_changes, resume_argv, save_records
 from tarflow.app.startup import describe_processes, probe_trainer
 from tarflow.app.train_sweep import name_sweep_job, write_result
-from tarflow.cli.train_help import train_groups  # noqa: F401  (registers the --help resolver)
 from tarflow.conf import CONFIG_DIR
+from tarflow.eval.fid_at_n import class_grid
 from tarflow.eval.plots import image_grid
 from tarflow.lit.callbacks.epoch_log import EpochLog
 from tarflow.lit.checkpoint_io import AtomicCheckpointIO
@@ -60,7 +61,7 @@ from tarflow.lit.safe_logging import guard_loggers
 from tarflow.lit.wandb_utils import finish_wandb
 from tarflow.model import TarFlow, load_weights
 from tarflow.model.space import PixelSpace
-from tarflow.sampling import SamplingSchedule, sample
+from tarflow.sampling import SamplingSchedule
 from tarflow.sampling.settings import parse_sampler
 
 log = logging.getLogger(__name__)
@@ -149,32 +150,14 @@ def write_sample_grid(
     seed: int = 0,
     space: PixelSpace | None = None,
 ) -> Path:
-    """Sample a grid (one row per class, ``per_class`` columns) and save it as a PNG.
-
-    A latent model's samples are decoded by its ``space`` (default: pixels) before they are drawn.
-
-    Uses the ``sampler`` config's schedule and knobs; an "auto" schedule (which needs a CRM
-    ranking) falls back to the exact sequential loop here, and guidance is dropped for an
-    unconditional model sampled at ``attn_temp`` 1 (where it would change nothing).
-    """
+    """Sample a grid (one row per class, ``per_class`` columns; :func:`class_grid`) with the
+    ``sampler`` config's schedule and knobs and save it as a PNG. A run-time schedule (which
+    needs a ranking, and the planner a batch to time) uses the exact sequential loop here."""
     net.eval()
-    cfg = net.config
-    rows = min(cfg.num_classes, max_classes) if cfg.conditional else max_classes
-    device = net.var.device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    noise = net.sample_noise(rows * per_class, generator=gen)  # (rows * per_class, N, D)
-    y = None
-    if cfg.conditional:
-        y = torch.arange(rows, device=device).repeat_interleave(per_class)  # (rows * per_class,)
     settings = parse_sampler(sampler)
-    # A run-time schedule needs a ranking (and the planner a batch to time): the final grid
-    # uses the exact loop instead.
     schedule = SamplingSchedule.sequential() if settings.is_auto else settings.schedule
-    knobs = dict(settings.knobs)
-    if not cfg.conditional and knobs["attn_temp"] == 1.0:
-        knobs["guidance"] = 0.0  # both branches would be identical: a no-op here, not an error
-    images, _ = sample(net, noise, y, schedule, **knobs)
-    images = (space or PixelSpace(cfg)).decode(images)
+    images = class_grid(net, schedule, per_class=per_class, max_classes=max_classes, seed=seed,
+                        knobs=settings.knobs, space=space)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The validation grids' drawing: clipped to [-1, 1], small images enlarged (a 16x16 digit
     # drawn 1:1 is a 137x171 picture nobody can read).

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import torch
 
+from tarflow.app.checks.common import refuse_low_counts
 from tarflow.app.errors import fail
 from tarflow.data import build_dataset
 from tarflow.model.autoencoder import small_autoencoder
+from tarflow.model.autoencoder_fit import fit, latent_moments, reconstruction_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,62 +72,12 @@ def _images(name: str, root: str | None, img_size: int, channels: int, split: st
     return images.float()
 
 
-def fit(vae: torch.nn.Module, train: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-        kl_weight: float, seed: int = 0, progress: bool = False) -> list[float]:
-    """Train ``vae`` in place on images (M, C, H, W) in [-1, 1]; returns the loss per step."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    steps_iter = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps_iter = tqdm(steps_iter, desc="autoencoder", unit="step")
-    losses = []
-    vae.train()
-    for _ in steps_iter:
-        x = train[torch.randint(len(train), (batch_size,), generator=gen)]
-        dist = vae.encode(x).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=gen)
-        recon = vae.decode(z).sample
-        # The KL of N(mu, s^2) from N(0, 1) per latent dimension.
-        kl = 0.5 * (dist.mean.pow(2) + dist.var - 1 - dist.logvar).mean()
-        loss = (recon - x).pow(2).mean() + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if progress:
-            steps_iter.set_postfix(loss=f"{losses[-1]:.4f}")
-    vae.eval()
-    return losses
-
-
-@torch.no_grad()
-def latent_moments(vae: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard deviation of the posterior means over all images and dimensions."""
-    means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean
-                       for i in range(0, len(images), 256)])
-    return float(means.mean()), float(means.std())
-
-
-@torch.no_grad()
-def reconstruction_error(vae: torch.nn.Module, images: torch.Tensor) -> float:
-    """Mean squared error of decode(mean of encode(x)) in [-1, 1] units."""
-    recon = vae.decode(vae.encode(images).latent_dist.mean).sample
-    return float((recon.clamp(-1, 1) - images).pow(2).mean())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         fail(f"--out {out} already exists; pass --force to replace it, or choose another --out")
-    for name in ("steps", "batch_size", "latent_channels"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1")
+    refuse_low_counts(args, {"steps": 1, "batch_size": 1, "latent_channels": 1})
     if args.img_size % 2 ** (len(args.widths) - 1):
         fail(f"--img-size {args.img_size} is not divisible by 2^{len(args.widths) - 1}")
     if args.threads:

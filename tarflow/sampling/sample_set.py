@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ import torch
 from tarflow.model import TarFlow
 from tarflow.sampling.sample import SampleStats, sample
 from tarflow.sampling.schedule import SamplingSchedule
+
+if TYPE_CHECKING:  # annotations only: the settings import the sampler, not this module
+    from tarflow.sampling.plan import Plan
+    from tarflow.sampling.settings import SamplerSettings
 
 
 def shard_indices(total: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -31,15 +36,22 @@ def shard_indices(total: int, rank: int = 0, world_size: int = 1) -> list[int]:
     return list(range(rank, total, world_size))
 
 
+# One class for every member, or a member's class from its index (a grid with a row per class).
+Label = int | Callable[[int], int] | None
+# A sampler other than sample(net, ..., schedule): (noise, labels) -> (images, stats or None).
+Draw = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, SampleStats | None]"]
+
+
 def fixed_inputs(net: TarFlow, indices: Sequence[int], seed: int, *,
-                 label: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 label: Label = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Noise and labels of the given set members, identical on any device and rank.
 
     Args:
         net: the model (gives the shapes, the prior variance, device and dtype).
         indices: set members to draw, any order.
         seed: base seed; member ``i`` uses ``seed + i``.
-        label: a class for every sample of a conditional model; None draws one per sample.
+        label: a class for every sample of a conditional model, or a function from a member's
+            index to its class; None draws one per sample (after its noise, from its seed).
 
     Returns:
         noise (B, N, D) on the model's device and dtype, and labels (B,) int64 or None
@@ -54,7 +66,9 @@ def fixed_inputs(net: TarFlow, indices: Sequence[int], seed: int, *,
         noises.append(torch.randn(cfg.num_patches, cfg.token_dim, generator=gen) * std)
         if cfg.conditional:
             drawn = torch.randint(cfg.num_classes, (), generator=gen)
-            labels.append(drawn if label is None else torch.tensor(int(label)))
+            if label is not None:
+                drawn = torch.tensor(int(label(int(i)) if callable(label) else label))
+            labels.append(drawn)
     dtype = net.var.dtype
     device = net.var.device
     noise = torch.stack(noises).to(device=device, dtype=dtype) if noises else torch.empty(
@@ -78,8 +92,9 @@ class SampledBatch:
 
 def sample_batches(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule, *,
                    seed: int, batch_size: int, knobs: dict | None = None,
-                   label: int | None = None,
-                   trace: Callable[[dict], None] | None = None) -> Iterator[SampledBatch]:
+                   label: Label = None,
+                   trace: Callable[[dict], None] | None = None,
+                   draw: Draw | None = None) -> Iterator[SampledBatch]:
     """Sample the given set members in batches, one :class:`SampledBatch` at a time.
 
     Only one batch of images is alive at a time, so a 50k-image FID set streams through.
@@ -91,9 +106,11 @@ def sample_batches(net: TarFlow, indices: Sequence[int], schedule: SamplingSched
         seed: base seed of the set (see :func:`fixed_inputs`).
         batch_size: samples per call of the sampler.
         knobs: keyword arguments for :func:`tarflow.sampling.sample`.
-        label: one class for all samples (conditional models); None draws per sample.
+        label: as for :func:`fixed_inputs`.
         trace: per-iteration callback of the Jacobi solver, passed for the first batch only
             (later batches would repeat the same story).
+        draw: another sampler for the same inputs, ``draw(noise, y) -> (images, stats or
+            None)`` (a benchmark's method); ``schedule`` and ``knobs`` are then unused.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -101,9 +118,12 @@ def sample_batches(net: TarFlow, indices: Sequence[int], schedule: SamplingSched
     for start in range(0, len(indices), batch_size):
         chunk = indices[start:start + batch_size]
         noise, y = fixed_inputs(net, chunk, seed, label=label)
-        images, stats = sample(net, noise, y, schedule, callback=trace if start == 0 else None,
-                               **(knobs or {}))
-        yield SampledBatch(chunk, y, images, stats)
+        if draw is not None:
+            images, stats = draw(noise, y)
+        else:
+            images, stats = sample(net, noise, y, schedule,
+                                   callback=trace if start == 0 else None, **(knobs or {}))
+        yield SampledBatch(chunk, y, images, stats or SampleStats())
 
 
 @dataclass
@@ -150,6 +170,29 @@ class IterationTally:
     @property
     def seconds_per_image(self) -> float:
         return self.seconds / self.images if self.images else math.nan
+
+
+def run_summary(settings: SamplerSettings, schedule: SamplingSchedule, tally: IterationTally,
+                plan: Plan | None = None) -> dict[str, Any]:
+    """JSON-ready timing and iteration numbers of a sampling run (and its plan, if planned:
+    the measured speed-up compares the run's seconds per batch with the sequential loop's as
+    the planner timed it at the same batch size)."""
+    extra = {}
+    if plan is not None and tally.batches:
+        extra = {"plan": plan.to_dict(),
+                 "speedup_vs_planned_sequential": plan.sequential_seconds
+                 / max(tally.seconds / tally.batches, 1e-12)}
+    return {
+        "sampler": settings.name,
+        "schedule": schedule.describe(),
+        "knobs": settings.knobs,
+        "num_samples": tally.images,
+        "seconds": tally.seconds,
+        "seconds_per_image": tally.seconds_per_image,
+        "iters_per_block": {str(b): n for b, n in tally.mean_iters().items()},
+        "fallback": tally.fallback,
+        **extra,
+    }
 
 
 class ConvergenceTrace:

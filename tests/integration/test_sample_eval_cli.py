@@ -22,6 +22,7 @@ from torch import nn
 from tarflow.cli import evaluate, sample
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
+from tarflow.eval.likelihood import bits_per_dim
 from tarflow.model import TarFlow, TarFlowConfig
 from tarflow.sampling import build_schedule
 from tarflow.sampling import sample as ring1_sample
@@ -136,7 +137,7 @@ def test_eval_bpd_and_fid(tmp_path: Path, checkpoint: Path) -> None:
     # bpd does not depend on the batch size: image j's dequantisation noise is seeded by j.
     net = TarFlow.from_checkpoint(checkpoint)
     data = build_dataset("fake", img_size=8, split="val", channels=1, length=40, num_classes=3)
-    by_7 = evaluate.bits_per_dim(net, data, batch_size=7)["val/bpd"]
+    by_7 = bits_per_dim(net, data, batch_size=7)["val/bpd"]
     assert by_7 == pytest.approx(first["val/bpd"], rel=1e-6)
 
 

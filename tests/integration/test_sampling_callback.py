@@ -174,12 +174,12 @@ def test_listed_after_ema_raises(tmp_path: Path) -> None:
 def test_round_and_fid_cadence(tmp_path: Path) -> None:
     cb = SamplingCallback(every_n_epochs=2, fid_every_n_epochs=3, fid_on_last_epoch=True,
                           fid_stats_path=str(tmp_path / "ref.npz"))
-    plans = [cb.plan(v, last=v == 7) for v in range(1, 8)]
+    plans = [cb.round_due(v, last=v == 7) for v in range(1, 8)]
     # Sampling at every 2nd validation, FID at every 3rd and at the last one (7).
     assert plans == [(False, False), (True, False), (True, True), (True, False), (False, False),
                      (True, True), (True, True)]
     no_fid = SamplingCallback(every_n_epochs=1, fid_stats_path=None)
-    assert no_fid.plan(5, last=True) == (True, False)
+    assert no_fid.round_due(5, last=True) == (True, False)
 
 
 def _validate_shards(tmp_path: Path, devices: int) -> tuple[dict, dict]:

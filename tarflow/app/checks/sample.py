@@ -13,22 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from tarflow.app.checks.train import (
-    check_fid_reference,
-    check_sampler,
-    checkpoint_file,
-    normalise_schedule,
-)
+from tarflow.app.checks.common import check_device, check_dtype, checkpoint_file
+from tarflow.app.checks.train import check_fid_reference, check_sampler, normalise_schedule
 from tarflow.app.sample_outputs import check_out_dir
 from tarflow.conf import CONFIG_DIR
 from tarflow.model import CheckpointSummary, describe_checkpoint
 from tarflow.model.autoencoder import locate, resolve_autoencoder
 from tarflow.model.space import make_space
 
-DTYPES = ("float32", "float64", "bfloat16")
 FORMATS = ("png", "npz", "both")
 
 
@@ -207,32 +201,8 @@ def _at_least(cfg: DictConfig, key: str, low: int) -> int:
     return number
 
 
-def check_device(name: Any) -> None:
-    """``auto``, ``cpu`` or an accelerator that exists here (``cuda``, ``cuda:1``, ``mps``)."""
-    if name in (None, "auto"):
-        return
-    usage = "use auto, cpu, cuda or cuda:<i>"
-    try:
-        device = torch.device(str(name))
-    except RuntimeError:
-        raise ValueError(f"device={name} is not a device: {usage}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name} but no CUDA GPU is available here; use device=cpu "
-                             f"or device=auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name} but this machine has {torch.cuda.device_count()} "
-                             f"GPU(s) (cuda:0...)")
-    elif device.type == "mps":
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device={name} but MPS is not available here; use device=cpu")
-    elif device.type != "cpu":
-        raise ValueError(f"device={name}: {usage}")
 
 
-def check_dtype(name: Any) -> None:
-    if str(name) not in DTYPES:
-        raise ValueError(f"dtype={name} must be one of {DTYPES}")
 
 
 def _check_keys(cfg: DictConfig, command: str) -> None:

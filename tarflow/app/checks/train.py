@@ -8,7 +8,6 @@ The sampler and checkpoint helpers here are shared with ``tarflow-sample`` and `
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from hydra.utils import get_class
 from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
+from tarflow.app.checks.common import checkpoint_file
 from tarflow.app.runs import holds_run, is_secondary_process
 from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
@@ -259,23 +259,6 @@ def check_fid_reference(path: str | None, img_size: int, channels: int, *, key: 
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_file(key: str, value: Any, hint: str) -> Path:
-    """The file (or sharded checkpoint directory) ``key`` names, refused when it is missing or
-    not a torch archive."""
-    path = Path(str(value)).expanduser()
-    if is_sharded_checkpoint(path):  # trainer=fsdp writes checkpoints as directories
-        return path
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"{key} {path} {what}; {hint}")
-    # torch.save writes a zip archive; a truncated one has no central directory at its end.
-    if not zipfile.is_zipfile(path):
-        raise ValueError(
-            f"{key} {path} is not a readable checkpoint (truncated, or not written by torch.save)"
-        )
-    return path
-
-
 def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool,
                   autoencoder: AutoencoderRecord | None = None) -> None:
     """``ckpt_path`` must be a Lightning checkpoint of this very architecture (and, for a

@@ -45,7 +45,8 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tarflow.data.subsets import fixed_subset, stack_items
-from tarflow.eval import FeatureStats, InceptionFeatures, ReferenceStats, frechet_distance
+from tarflow.eval import FeatureStats, ReferenceStats, frechet_distance
+from tarflow.eval.fid_at_n import feature_extractor, sample_set
 from tarflow.lit.callbacks.media import log_media
 from tarflow.lit.callbacks.reference import logged_reference_stats
 from tarflow.lit.callbacks.rounds import (
@@ -65,7 +66,6 @@ from tarflow.sampling.sample_set import (
     IterationTally,
     SampledBatch,
     compare_with_sequential,
-    sample_batches,
     save_shard,
     shard_indices,
 )
@@ -194,7 +194,7 @@ class SamplingCallback(Callback):
         # max_epochs is -1 or None when a run is bounded by steps: then no epoch is "the last".
         last = ((trainer.max_epochs or 0) > 0 and trainer.state.fn == "fit"
                 and trainer.current_epoch + 1 >= trainer.max_epochs)
-        due, fid_due = self.plan(self.validations, last=last)
+        due, fid_due = self.round_due(self.validations, last=last)
         if not due:
             return
         # Validation runs under inference mode; the cached extractor and probe batch outlive
@@ -208,7 +208,7 @@ class SamplingCallback(Callback):
             finally:
                 self._round_net = None
 
-    def plan(self, validation: int, *, last: bool = False) -> tuple[bool, bool]:
+    def round_due(self, validation: int, *, last: bool = False) -> tuple[bool, bool]:
         """(sample this validation?, with FID?) for the ``validation``-th one (from 1)."""
         fid = self.fid_stats_path is not None and (
             (self.fid_every_n_epochs > 0 and validation % self.fid_every_n_epochs == 0)
@@ -290,30 +290,26 @@ class SamplingCallback(Callback):
         if fid_due and trainer.is_global_zero and self._reference is None:
             self._reference = self._load_reference(trainer, extractor, device)
         shard = shard_indices(total, trainer.global_rank, trainer.world_size)
-        cfg = net.config
         grid_n = min(self.grid_size, total)
         grid = (torch.zeros(grid_n, *self._space.image_shape, device=device)
                 if grid_n else None)
-        features = FeatureStats() if fid_due else None
         trace = ConvergenceTrace() if trainer.is_global_zero else None
-        tally = IterationTally(cfg.num_blocks)
         kept: list[SampledBatch] = []  # only with samples_dir
-        for batch in sample_batches(net, shard, schedule, seed=self.seed,
-                                    batch_size=self.batch_size, knobs=self.settings.knobs,
-                                    trace=trace):
-            tally.add(batch)
-            images = self._space.decode(batch.images).float()  # latents -> images (chunks)
+
+        def keep(batch: SampledBatch, images: torch.Tensor) -> None:
             for j, i in enumerate(batch.indices):
                 if i < grid_n:  # the grid shows the set's first members, whoever drew them
                     grid[i] = images[j]
-            if features is not None:
-                features.update(extractor(images))
             if self.samples_dir:
                 kept.append(SampledBatch(batch.indices, batch.labels, images.cpu(), batch.stats))
+
+        run = sample_set(net, shard, schedule, seed=self.seed, batch_size=self.batch_size,
+                         knobs=self.settings.knobs, space=self._space, extractor=extractor,
+                         trace=trace, on_batch=keep)
         if self.samples_dir:
             save_shard(Path(self.samples_dir) / f"round{self.validations:04d}_rank"
                        f"{trainer.global_rank}.npz", kept, schedule=schedule.describe())
-        return RoundResult(ranking, schedule, tally, grid, features, trace,
+        return RoundResult(ranking, schedule, run.tally, grid, run.features, trace,
                            self._compare(net, schedule, shard), plan)
 
     def _compare(self, net: TarFlow, schedule: SamplingSchedule,
@@ -363,11 +359,8 @@ class SamplingCallback(Callback):
         return rank_blocks(net, self._probe.to(param.device, param.dtype), norm=self.rank_norm)
 
     def _extractor(self, device: torch.device) -> Callable:
-        if self.extractor is None:
-            self.extractor = InceptionFeatures(self.inception_weights,
-                                               batch_size=self.fid_batch_size)
-        if isinstance(self.extractor, torch.nn.Module):
-            self.extractor.to(device).eval()
+        self.extractor = feature_extractor(self.extractor, weights=self.inception_weights,
+                                           batch_size=self.fid_batch_size, device=device)
         return self.extractor
 
     def _load_reference(self, trainer: L.Trainer, extractor: Callable,
