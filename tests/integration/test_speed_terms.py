@@ -104,7 +104,7 @@ def test_speed_terms_group_and_experiment_compose(tmp_path: Path) -> None:
 LINEAR_TERM = {"traj": {"kind": "trajectory", "weight": 1.0, "k": 2, "balance": "sum"}}
 
 
-@pytest.mark.slow  # a 2-process gloo fit (~30-50 s on 2 busy cores)
+@pytest.mark.slow  # a 2-process gloo fit and two single ones (1-2 min on 2 busy cores)
 def test_ddp_with_a_term_takes_the_single_process_step(tmp_path: Path) -> None:
     """2 gloo processes x batch 4 with a speed term take the same step as 1 process x 8, and the
     term changes that step (proj_out random, so the network is not the identity where every
