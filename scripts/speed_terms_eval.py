@@ -7,6 +7,8 @@ by side in one process (docs/benchmarks.md, "Training for fast sampling").
     python scripts/speed_terms_eval.py speed base=demo.ckpt chain=... --json speed.json
     # one training step's cost with each term on (timing)
     python scripts/speed_terms_eval.py step base=demo.ckpt --terms '{chain: {kind: chain, ...}}'
+    # per-block Jacobi iterations of the validation rounds over a run (sampler=jacobi), as a PNG
+    python scripts/speed_terms_eval.py curve term=outputs/ft control=outputs/ft0 --png it.png
 
 ``iters``: pure Jacobi (every block, initial guess z) to ``--tol`` on the same noise and labels
 for every checkpoint: per block the iterations the slowest sample needed, at batch 16 one batch,
@@ -138,6 +140,62 @@ def cmd_step(args) -> dict:
     return out
 
 
+def _series(csv_path: Path, key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of every logged value of ``key`` in a Lightning CSV log."""
+    import csv
+
+    steps, values = [], []
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            if row.get(key):
+                steps.append(int(row["step"]))
+                values.append(float(row[key]))
+    return steps, values
+
+
+def cmd_curve(args) -> dict:
+    """``sampling/iters/<b>`` of each run's validation rounds against the training step, one
+    panel per block (runs as lines): with a fixed Jacobi sampler (``sampler=jacobi``) these are
+    the Jacobi iterations of the round's batches, comparable across rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {name: next(Path(run).glob("csv/version_*/metrics.csv"))
+            for name, run in _named(args.checkpoints).items()}
+    head = next(iter(runs.values())).read_text().splitlines()[0].split(",")
+    blocks = sorted(int(k.rsplit("/", 1)[1]) for k in head if k.startswith("sampling/iters/"))
+    if not blocks:
+        raise SystemExit("error: no sampling/iters/<block> in the CSV log (was a validation "
+                         "round with sampling run?)")
+    out = {name: {b: _series(log, f"sampling/iters/{b}") for b in blocks}
+           for name, log in runs.items()}
+    fig, axes = plt.subplots(1, len(blocks), figsize=(2.6 * len(blocks), 2.9), sharex=True)
+    for ax, b in zip(axes, blocks, strict=True):
+        for i, (name, series) in enumerate(out.items()):
+            # Dashed, hollow later runs: equal series (the easy blocks) stay visible.
+            ax.plot(*series[b], marker="os^v"[i % 4], ms=4 if i else 3, color=f"C{i}",
+                    ls="-" if i == 0 else "--", mfc="none" if i else None, label=name)
+        ax.set_title(f"forward block {b}", fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(bottom=0)
+    axes[0].set_ylabel("Jacobi iterations per batch", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(args.title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=130)
+    for name, series in out.items():
+        for b in blocks:
+            print(f"{name} block {b}: " + ", ".join(f"{st}:{v:g}" for st, v in
+                                                    zip(*series[b], strict=True)))
+    print(f"wrote {args.png}")
+    return {name: {b: {"steps": st, "iters": v} for b, (st, v) in series.items()}
+            for name, series in out.items()}
+
+
 def _last(csv_path: Path, key: str) -> float | None:
     """The last logged value of ``key`` in a Lightning CSV log (None if never logged)."""
     import csv
@@ -189,6 +247,8 @@ def cmd_report(args) -> dict:
             f"{r['b16']['critical_path']:g} | {sp or '-'} |")
     table = "\n".join(lines)
     print(table)
+    if not args.png:  # a table only (e.g. runs of another recipe than the chart's)
+        return {"rows": rows, "table": table}
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     shown = [r for r in rows if r["bpd"] <= base_bpd * 1.05]  # a far point would squash the rest
     for i, r in enumerate(shown):
@@ -221,7 +281,7 @@ def cmd_report(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=["iters", "speed", "step", "report"])
+    p.add_argument("mode", choices=["iters", "speed", "step", "report", "curve"])
     p.add_argument("checkpoints", nargs="+", help="name=path pairs")
     p.add_argument("--batch", type=int, nargs="+", default=None)
     p.add_argument("--tol", type=float, default=3e-3)
@@ -239,13 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--step", help="report: the JSON of `step`")
     p.add_argument("--label", nargs="*", default=[], help="report: name=label for the table")
     p.add_argument("--fid-n", type=int, default=100)
-    p.add_argument("--png", default="docs/speed_terms_pareto.png")
+    p.add_argument("--png", default="docs/speed_terms_pareto.png",
+                   help="report / curve: the chart ('' = report without a chart)")
+    p.add_argument("--title", default="Jacobi iterations per block during the run",
+                   help="curve: the chart's title")
     p.add_argument("--target", type=float, default=14, help="report: critical-path target line")
     args = p.parse_args(argv)
     if args.batch is None:
         args.batch = {"iters": [1, 16], "speed": [1, 16, 64]}.get(args.mode, [])
     result = {"iters": cmd_iters, "speed": cmd_speed, "step": cmd_step,
-              "report": cmd_report}[args.mode](args)
+              "report": cmd_report, "curve": cmd_curve}[args.mode](args)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "result": result}, indent=1))
 

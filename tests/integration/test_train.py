@@ -237,15 +237,20 @@ def test_warmup_ema_matches_formula() -> None:
     assert fn.effective_decay(10**6) == 0.999 and WarmupEMA(0.9, 0).effective_decay(0) == 0.9
 
 
-def run_one_step(out: str, devices: int, batch_size: int) -> None:
-    """One optimiser step of the tiny model on 16 fake images (no noise, no label drop)."""
+def run_one_step(out: str, devices: int, batch_size: int, *, speed_terms: dict | None = None,
+                 proj_out_std: float = 0.0) -> None:
+    """One optimiser step of the tiny model on 16 fake images (no noise, no label drop), with
+    ``module.speed_terms`` and a random (non-identity) ``proj_out`` in every block when given."""
     L.seed_everything(0)
     module = TarFlowLitModule(
         model=preset("tiny").to_dict(),
         noise={"std": 0.0},
         optim={"lr": 1e-3, "warmup_steps": 0},
         label_drop=0.0,
+        speed_terms=speed_terms,
     )
+    for block in module.net.blocks if proj_out_std else ():  # seeded above: same on every rank
+        torch.nn.init.normal_(block.proj_out.weight, std=proj_out_std)
     dm = TarFlowDataModule(
         "fake",
         img_size=8,
