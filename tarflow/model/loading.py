@@ -57,7 +57,8 @@ def load_for_sampling(path: str | Path, *, device: str | torch.device | None = "
     fails before any sampling rather than at the first decode.
 
     Args:
-        summary: the file's :func:`describe_checkpoint`, when a start-up check already read it.
+        summary: the file's :func:`describe_checkpoint`, when a start-up check already read it
+            (and located a latent model's autoencoder, which is then not hashed again).
         autoencoder_key: how error messages name ``autoencoder_path`` (``--autoencoder-path``
             in the argparse commands).
         overrides: architecture fields a bare state dict cannot tell (e.g. ``head_dim``).
@@ -71,10 +72,11 @@ def load_for_sampling(path: str | Path, *, device: str | torch.device | None = "
         raise ValueError("a checkpoint path is required, e.g. <run dir>/checkpoints/last.ckpt")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    checked = summary is not None  # a start-up check read the file and located the autoencoder
     summary = summary or describe_checkpoint(path, **overrides)
     where = pick_device(device)
     space = make_space(summary.config, summary.autoencoder, path=autoencoder_path or None)
-    if space.latent:
+    if space.latent and not checked:  # hashing the weights again would only repeat that check
         locate(space.record, autoencoder_path or None, key=autoencoder_key)
     net = TarFlow.from_checkpoint(path, map_location="cpu", **overrides)
     net = net.to(device=where, dtype=getattr(torch, dtype)).eval()
