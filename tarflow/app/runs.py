@@ -13,7 +13,8 @@ Resuming. ``tarflow-train ckpt_path=<run>/checkpoints/last.ckpt hydra.run.dir=<r
 by Hydra from that command line alone, which would drop the overrides the run was started with
 (a run of 1 epoch x 5 batches would resume as the default 45 x 50). :func:`resume_argv` runs in
 ``main()`` before Hydra: it reads the overrides recorded by the run that wrote the checkpoint and
-puts the new command line on top (for the same key the new value wins). Composing again from
+puts the new command line on top (for the same key the new value wins; a fine-tune's
+``init_from`` is not restored: the weights come from the checkpoint). Composing again from
 those overrides, rather than loading the recorded ``config.yaml``, keeps group choices such as
 ``model=tiny`` working; :func:`config_changes` then compares the result with the recorded config,
 so edits of the YAML files since are reported too.
@@ -244,7 +245,9 @@ def resume_argv(argv: list[str]) -> Resume | None:
         return None
     restored = list(OmegaConf.load(records / "overrides.yaml") or [])
     new = [text for text, item in zip(items, parsed, strict=True) if not _is_hydra(item)]
-    replaced = {_key(item) for item in parsed}
+    # A resume takes its weights from the checkpoint; the run's init_from only seeded its start
+    # (restored, it would collide with ckpt_path and stop the resume of every fine-tune).
+    replaced = {_key(item) for item in parsed} | {"init_from"}
     try:
         kept = [text for text, item in zip(restored, parser.parse_overrides(restored), strict=True)
                 if _key(item) not in replaced]
@@ -263,7 +266,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(before: DictConfig, after: DictConfig,
-                   ignore: tuple[str, ...] = ("ckpt_path",)) -> dict[str, list[Any]]:
+                   ignore: tuple[str, ...] = ("ckpt_path", "init_from")
+                   ) -> dict[str, list[Any]]:
     """``{dotted key: [before, after]}`` of two unresolved configs (absent keys: ``None``)."""
     old = _flatten(OmegaConf.to_container(before, resolve=False))
     new = _flatten(OmegaConf.to_container(after, resolve=False))

@@ -188,4 +188,16 @@ def test_init_from_starts_a_new_run_from_weights(
     assert last["global_step"] == 1
     log = (tmp_path / "finetune" / "train.log").read_text()
     assert f"initialised the network from {path}" in log
+    if source == "ckpt-ema":
+        # A killed fine-tune resumes with the README's resume command: its recorded init_from
+        # is not restored (the weights come from its own checkpoint), so the two keys do not
+        # collide, and the run is not re-initialised.
+        run = tmp_path / "finetune"
+        again = run_cli("train", *_resume_args(run, "trainer.max_epochs=2"), cwd=tmp_path)
+        assert again.code == 0, again.err[-3000:]
+        last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        assert last["global_step"] == 2 and last["epoch"] == 1
+        assert (run / "train.log").read_text().count("initialised the network from") == 1
+        assert "init_from" not in yaml.safe_load((run / ".hydra" / "1" / "resume.yaml").read_text()
+                                                  )["changes"]
 
