@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from tarflow.app.checks.train import _check_no_missing_values, check_config
 from tarflow.cli.train import train
 from tarflow.model import TarFlow
 from tarflow.model.official import official_name
@@ -96,6 +97,12 @@ def test_speed_terms_group_and_experiment_compose(tmp_path: Path) -> None:
     # validation, so sampling/iters/<block> is a curve over the fine-tune, not the planner's plan.
     assert (cfg.sampler.schedule, cfg.sampler.tol) == ("jacobi", 3e-3)
     assert cfg.callbacks.sampling.every_n_epochs == 1
+    # A fine-tune recipe: without init_from it stops at start-up instead of training afresh.
+    assert list(cfg.required) == ["init_from"]
+    with pytest.raises(ValueError, match="init_from=<value>"):
+        check_config(cfg)
+    cfg.ckpt_path = "run/checkpoints/last.ckpt"  # a resume: the weights come from there
+    _check_no_missing_values(cfg)
 
 
 # A term that is linear in the per-sample values (mean over the rows, `sum` over blocks, no

@@ -91,6 +91,12 @@ def assert_nothing_started(tmp_path: Path) -> None:
             id="negative-tolerance",
         ),
         pytest.param(
+            ["init_from='???'"],
+            TINY,
+            ["mandatory value(s) not set", "init_from", "init_from=<value>"],
+            id="mandatory-init-from-left-unset",
+        ),
+        pytest.param(
             ["sampler.guidance=1.0"],
             WITH_SAMPLING,
             ["guidance on an unconditional model needs attn_temp != 1"],

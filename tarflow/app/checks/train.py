@@ -51,6 +51,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     Returns:
         The model's :class:`TarFlowConfig`.
     """
+    _check_no_missing_values(cfg)
     model = _model_config(cfg)
     autoencoder = _check_latent(cfg, model)
     if "module" in cfg:
@@ -80,6 +81,20 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     if not is_secondary_process():  # other ranks start after the first one wrote its files
         _check_run_dir(Path(cfg.paths.output_dir), ckpt)
     return model
+
+
+def _check_no_missing_values(cfg: DictConfig) -> None:
+    """Keys the config marks as needed must be set: ``???`` values (``cfg.get`` reads one as
+    None, so the run would go on without it) and, unless resuming, the ``required`` list (an
+    experiment's way to say it, since its ``???`` merged over a default is dropped)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if cfg.get("ckpt_path") is None:
+        missing += [key for key in cfg.get("required") or []
+                    if key not in missing and OmegaConf.select(cfg, key, default=None) is None]
+    if missing:
+        keys = ", ".join(missing)
+        raise ValueError(f"mandatory value(s) not set: {keys} ({cfg.get('task_name')} needs "
+                         f"them); give each on the command line, e.g. {missing[0]}=<value>")
 
 
 def _plain(node: Any) -> Any:
