@@ -208,59 +208,76 @@ def _last(csv_path: Path, key: str) -> float | None:
     return value
 
 
+def _merged(paths: list[str] | None) -> dict:
+    """The ``result`` dicts of several ``iters`` / ``speed`` JSON files, later files winning."""
+    out: dict = {}
+    for path in paths or []:
+        out.update(json.loads(Path(path).read_text())["result"])
+    return out
+
+
 def cmd_report(args) -> dict:
-    """Markdown table and a Pareto chart (val bpd vs critical path) from the runs' CSV logs and
+    """Markdown table and a Pareto chart (bpd change vs critical path) from the runs' CSV logs and
     the JSON files of ``iters`` / ``speed`` (and the ``step`` costs printed); ``checkpoints`` are
-    name=run_dir, the first one the reference of the "vs first" column."""
+    name=run_dir. Each row is compared with its own no-term run (``--ref name=ref_name``; by
+    default the first), so fine-tunes and from-scratch runs share one chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    iters = json.loads(Path(args.iters).read_text())["result"]
-    speed = json.loads(Path(args.speed).read_text())["result"] if args.speed else {}
+    iters, speed = _merged(args.iters), _merged(args.speed)
     if args.step:  # one row per term kind, not per run
         for name, v in json.loads(Path(args.step).read_text())["result"].items():
             print(f"step cost {name}: {v['seconds'] * 1e3:.0f} ms ({v['vs_nll']:.2f}x)")
     labels = dict(s.split("=", 1) for s in args.label)
-    rows, names = [], _named(args.checkpoints)
-    base_bpd = None
+    names = _named(args.checkpoints)
+    first = next(iter(names))
+    refs = {name: first for name in names} | dict(s.split("=", 1) for s in args.ref)
+    for name, ref in refs.items():
+        if ref not in names:
+            raise SystemExit(f"error: --ref {name}={ref}: {ref!r} is not one of the runs")
+    metrics = {}
     for name, run in names.items():
         log = next(Path(run).glob("csv/version_*/metrics.csv"))
-        bpd, fid = _last(log, "val/bpd"), _last(log, f"val/fid_{args.fid_n}")
-        base_bpd = base_bpd if base_bpd is not None else bpd
-        it = iters[name]
-        sp = speed.get(name, {})
-        rows.append(dict(name=name, label=labels.get(name, name), bpd=bpd, fid=fid,
-                         b1=it["1"], b16=it["16"],
+        metrics[name] = (_last(log, "val/bpd"), _last(log, f"val/fid_{args.fid_n}"))
+    rows = []
+    for name in names:
+        (bpd, fid), ref_bpd = metrics[name], metrics[refs[name]][0]
+        it, sp = iters[name], speed.get(name, {})
+        rows.append(dict(name=name, label=labels.get(name, name), ref=refs[name], bpd=bpd,
+                         fid=fid, dbpd=100 * (bpd / ref_bpd - 1), b1=it["1"], b16=it["16"],
                          speed={B: v["auto_speedup"] for B, v in sp.items()}))
-    head = ("| run | val bpd | vs first | FID@100 | iters b=1 (blocks 0/1/2/3) | crit. b=1 "
-            "| iters b=16 | crit. b=16 | auto vs seq. b=1 / 16 / 64 |")
+    head = ("| run | val bpd | vs its no-term run | FID@100 | iters b=1 (blocks 0/1/2/3) "
+            "| crit. b=1 | iters b=16 | crit. b=16 | auto vs seq. b=1 / 16 / 64 |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         fmt = lambda d: " / ".join(f"{v:g}" for v in d["blocks"].values())  # noqa: E731
         sp = " / ".join(f"{r['speed'][B]:.2f}x" for B in ("1", "16", "64") if B in r["speed"])
         fid = "-" if r["fid"] is None else f"{r['fid']:.1f}"
+        vs = "(reference)" if r["ref"] == r["name"] else f"{r['dbpd']:+.2f}%"
         lines.append(
-            f"| {r['label']} | {r['bpd']:.4f} | {100 * (r['bpd'] / base_bpd - 1):+.2f}% | "
+            f"| {r['label']} | {r['bpd']:.4f} | {vs} | "
             f"{fid} | {fmt(r['b1'])} | {r['b1']['critical_path']:g} | {fmt(r['b16'])} | "
             f"{r['b16']['critical_path']:g} | {sp or '-'} |")
     table = "\n".join(lines)
     print(table)
-    if not args.png:  # a table only (e.g. runs of another recipe than the chart's)
+    if not args.png:  # a table only
         return {"rows": rows, "table": table}
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    shown = [r for r in rows if r["bpd"] <= base_bpd * 1.05]  # a far point would squash the rest
+    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    shown = [r for r in rows if r["dbpd"] <= 5]  # a far point would squash the rest
+    groups = list(dict.fromkeys(r["ref"] for r in rows))  # one marker fill per reference
     for i, r in enumerate(shown):
-        for B, marker in (("b16", "o"), ("b1", "s")):
-            ax.scatter(r["bpd"], r[B]["critical_path"], marker=marker,
-                       color="C0" if B == "b16" else "C1")
-        ax.annotate(r["label"], (r["bpd"], r["b16"]["critical_path"]), fontsize=7,
+        hollow = groups.index(r["ref"]) > 0
+        for B, marker, color in (("b16", "o", "C0"), ("b1", "s", "C1")):
+            ax.scatter(r["dbpd"], r[B]["critical_path"], marker=marker, s=30,
+                       facecolors="none" if hollow else color, edgecolors=color)
+        ax.annotate(r["label"], (r["dbpd"], r["b16"]["critical_path"]), fontsize=7,
                     xytext=(5, 4 if i % 2 == 0 else -9), textcoords="offset points")
-    ax.axvline(base_bpd * 1.005, color="grey", ls=":", lw=1)
+    ax.axvline(0.5, color="grey", ls=":", lw=1)
     ax.axhline(args.target, color="grey", ls="--", lw=1)
-    ax.text(base_bpd * 1.005, args.target + 0.3, " +0.5% bpd / target critical path",
-            fontsize=7, color="grey")
+    ax.text(0.5, args.target + 0.3, " target: +0.5% bpd, critical path <= "
+            f"{args.target:g}", fontsize=7, color="grey")
     ax.set_ylim(bottom=min(args.target - 1, ax.get_ylim()[0]))
     off = [r["label"] for r in rows if r not in shown]
     if off:
@@ -268,9 +285,12 @@ def cmd_report(args) -> dict:
                 ha="right", transform=ax.transAxes, color="grey")
     ax.scatter([], [], marker="o", color="C0", label="batch 16")
     ax.scatter([], [], marker="s", color="C1", label="batch 1 (mean of singles)")
-    ax.set_xlabel("val bits/dim (lower is better)")
+    for g, ref in enumerate(groups):
+        ax.scatter([], [], marker="o", facecolors="none" if g else "grey", edgecolors="grey",
+                   label=f"vs {labels.get(ref, ref)}")
+    ax.set_xlabel("val bits/dim change vs the same recipe without a term (%)")
     ax.set_ylabel(f"Jacobi passes on the critical path, tol {args.tol:g}")
-    ax.set_title("Speed terms: likelihood vs GS-Jacobi iterations (demo model)", fontsize=9)
+    ax.set_title("Speed terms: likelihood cost vs GS-Jacobi iterations (demo model)", fontsize=9)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -294,10 +314,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
-    p.add_argument("--iters", help="report: the JSON of `iters`")
-    p.add_argument("--speed", help="report: the JSON of `speed`")
+    p.add_argument("--iters", nargs="+", help="report: the JSON files of `iters`")
+    p.add_argument("--speed", nargs="*", help="report: the JSON files of `speed`")
     p.add_argument("--step", help="report: the JSON of `step`")
     p.add_argument("--label", nargs="*", default=[], help="report: name=label for the table")
+    p.add_argument("--ref", nargs="*", default=[],
+                   help="report: name=ref_name, the run without a term that row is compared with")
     p.add_argument("--fid-n", type=int, default=100)
     p.add_argument("--png", default="docs/speed_terms_pareto.png",
                    help="report / curve: the chart ('' = report without a chart)")
