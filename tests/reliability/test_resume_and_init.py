@@ -101,6 +101,9 @@ NEW_RUN = {
     "missing-init-from": ["init_from", "does not exist"],
     "init-from-wrong-shapes": ["init_from", "does not fit the model", "shape mismatches"],
     "both-keys": ["ckpt_path (resume a run) and init_from", "exclude each other"],
+    # Same shapes, another flow: the stored scale must match the configured one.
+    "init-from-other-scale": ["init_from", "does not fit the model",
+                              "trained with model.scale=exp, the config has model.scale=softplus"],
 }
 
 
@@ -127,6 +130,7 @@ def refused(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "missing-init-from": [f"init_from={tmp / 'nope.pth'}"],
         "init-from-wrong-shapes": [f"init_from={other}"],
         "both-keys": [f"init_from={weights}", f"ckpt_path={tiny_run / 'checkpoints/last.ckpt'}"],
+        "init-from-other-scale": [f"init_from={weights}", "model.scale=softplus"],
     }
     for name in NEW_RUN:
         args[name] = train_overrides(tmp, *args[name], run=name)

@@ -325,8 +325,14 @@ def _check_init_from(init: Any, model: TarFlowConfig) -> None:
     """``init_from`` must hold weights whose keys and shapes fit the configured model."""
     path = checkpoint_file("init_from", init, "give an official .pth, a .pt or a .ckpt file")
     # Only the tensors: a file without a stored config need not be inferable to fit.
-    state, _ = split_checkpoint(read_file(path, mmap=True))
+    state, stored = split_checkpoint(read_file(path, mmap=True))
     problems = weights_mismatch(model, state)
+    # Options no tensor shape shows: the same weights under another scale or head split are
+    # another flow, so a file that records them must agree (an official .pth records none).
+    problems += [f"it was trained with model.{key}={stored[key]}, the config has "
+                 f"model.{key}={getattr(model, key)}"
+                 for key in ("scale", "head_dim")
+                 if stored and key in stored and stored[key] != getattr(model, key)]
     if problems:
         raise ValueError(f"init_from {path} does not fit the model {model.tag}: "
                          + " | ".join(problems))
