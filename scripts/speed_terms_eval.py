@@ -171,8 +171,17 @@ def cmd_curve(args) -> dict:
                          "round with sampling run?)")
     out = {name: {b: _series(log, f"sampling/iters/{b}") for b in blocks}
            for name, log in runs.items()}
-    fig, axes = plt.subplots(1, len(blocks), figsize=(2.6 * len(blocks), 2.9), sharex=True)
-    for ax, b in zip(axes, blocks, strict=True):
+    fig, axes = plt.subplots(1, len(blocks) + 1, figsize=(2.6 * (len(blocks) + 1), 2.9),
+                             sharex=True)
+    # The last panel: what the iterations cost in likelihood, at the same steps.
+    for i, log in enumerate(runs.values()):
+        axes[-1].plot(*_series(log, "val/bpd"), marker="os^v"[i % 4], ms=4 if i else 3,
+                      color=f"C{i}", ls="-" if i == 0 else "--", mfc="none" if i else None)
+    axes[-1].set_title("val bits/dim", fontsize=9)
+    axes[-1].set_xlabel("training step", fontsize=8)
+    axes[-1].grid(alpha=0.3)
+    axes[-1].tick_params(labelsize=7)
+    for ax, b in zip(axes[:-1], blocks, strict=True):
         for i, (name, series) in enumerate(out.items()):
             # Dashed, hollow later runs: equal series (the easy blocks) stay visible.
             ax.plot(*series[b], marker="os^v"[i % 4], ms=4 if i else 3, color=f"C{i}",
@@ -264,16 +273,17 @@ def cmd_report(args) -> dict:
     print(table)
     if not args.png:  # a table only
         return {"rows": rows, "table": table}
-    fig, ax = plt.subplots(figsize=(6.8, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
     shown = [r for r in rows if r["dbpd"] <= 5]  # a far point would squash the rest
-    groups = list(dict.fromkeys(r["ref"] for r in rows))  # one marker fill per reference
+    groups = list(dict.fromkeys(r["ref"] for r in rows))  # one colour per no-term reference
     for i, r in enumerate(shown):
-        hollow = groups.index(r["ref"]) > 0
-        for B, marker, color in (("b16", "o", "C0"), ("b1", "s", "C1")):
-            ax.scatter(r["dbpd"], r[B]["critical_path"], marker=marker, s=30,
-                       facecolors="none" if hollow else color, edgecolors=color)
-        ax.annotate(r["label"], (r["dbpd"], r["b16"]["critical_path"]), fontsize=7,
-                    xytext=(5, 4 if i % 2 == 0 else -9), textcoords="offset points")
+        color = f"C{groups.index(r['ref'])}"
+        ax.scatter(r["dbpd"], r["b16"]["critical_path"], marker="o", s=32, color=color)
+        ax.scatter(r["dbpd"], r["b1"]["critical_path"], marker="s", s=28,
+                   facecolors="none", edgecolors=color)
+        if r["ref"] != r["name"]:  # the references all sit at x = 0: the legend names them
+            ax.annotate(r["label"], (r["dbpd"], r["b16"]["critical_path"]), fontsize=7,
+                        xytext=(5, 4 if i % 2 == 0 else -9), textcoords="offset points")
     ax.axvline(0.5, color="grey", ls=":", lw=1)
     ax.axhline(args.target, color="grey", ls="--", lw=1)
     ax.text(0.5, args.target + 0.3, " target: +0.5% bpd, critical path <= "
@@ -283,11 +293,11 @@ def cmd_report(args) -> dict:
     if off:
         ax.text(0.99, 0.02, "off the chart (bpd > +5%): " + ", ".join(off), fontsize=6,
                 ha="right", transform=ax.transAxes, color="grey")
-    ax.scatter([], [], marker="o", color="C0", label="batch 16")
-    ax.scatter([], [], marker="s", color="C1", label="batch 1 (mean of singles)")
+    ax.scatter([], [], marker="o", color="grey", label="batch 16")
+    ax.scatter([], [], marker="s", facecolors="none", edgecolors="grey",
+               label="batch 1 (mean of singles)")
     for g, ref in enumerate(groups):
-        ax.scatter([], [], marker="o", facecolors="none" if g else "grey", edgecolors="grey",
-                   label=f"vs {labels.get(ref, ref)}")
+        ax.scatter([], [], marker="o", color=f"C{g}", label=f"vs {labels.get(ref, ref)} (x = 0)")
     ax.set_xlabel("val bits/dim change vs the same recipe without a term (%)")
     ax.set_ylabel(f"Jacobi passes on the critical path, tol {args.tol:g}")
     ax.set_title("Speed terms: likelihood cost vs GS-Jacobi iterations (demo model)", fontsize=9)
