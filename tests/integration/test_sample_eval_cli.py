@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import os
@@ -29,6 +28,7 @@ from tarflow.sampling import sample as ring1_sample
 from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.settings import parse_sampler
 from tests.integration.test_sampling_callback import TinyExtractor
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = Path(CONFIG_DIR)
@@ -175,11 +175,7 @@ def test_gs_jacobi_sweep_runs(tmp_path: Path, checkpoint: Path) -> None:
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("prepare_fid_stats",
-                                                  REPO / "scripts" / "prepare_fid_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("prepare_fid_stats")
 
 
 def test_prepare_fid_stats_writes_the_cache_others_read(tmp_path: Path, capsys) -> None:

@@ -3,21 +3,16 @@ so fine-tunes and from-scratch runs share one table and chart."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("speed_terms_eval",
-                                                  REPO / "scripts" / "speed_terms_eval.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("speed_terms_eval")
 
 
 def _run(root: Path, name: str, bpd: float, fid: float) -> str:
