@@ -13,6 +13,8 @@ hit is the same model on the same device, batch and settings. During training th
 every round, so the key holds the architecture instead and the plan stores the CRM shares it was
 made under; :func:`ranking_moved` says when the blocks' difficulty has moved enough to re-plan.
 
+:class:`PlannerOptions` are the planner's knobs (the search itself: ``tarflow.sampling.planner``).
+
 A plan also records its low-precision decision (:class:`PrecisionNote`): whether a bf16 network
 was considered, the measured pass-time ratio, the measured error of its samples against the same
 plan in full precision, and why it was kept or dropped.
@@ -43,6 +45,36 @@ from tarflow.sampling.schedule import (
 # 2: plans record their low-precision decision (PrecisionNote); a plan of version 1 was made
 # under other net_dtype semantics (never bf16 by default) and is re-planned, never reused.
 PLAN_VERSION = 2
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """Knobs of :func:`plan_schedule` (defaults are what the sampler configs use).
+
+    Attributes:
+        rounds: probe rounds at most (round 0 times every candidate, later rounds the close
+            calls; a third round runs only where two disagree on a block's fastest).
+        margin: abandon a candidate once it has run this many times the best time so far.
+        keep: re-time candidates within this factor of the best in later rounds.
+        segments: GS segment counts tried (upwards) for tough blocks.
+        tough_factor: the paper's rule: a block is tough when its CRM share is at least this
+            times the uniform share 100/T.
+        dtype_gain: a low-precision network is a candidate at a segment length only when one
+            pass there takes at most this fraction of a full-precision pass.
+        max_check_every: the largest convergence-test interval chosen.
+    """
+
+    rounds: int = 3
+    margin: float = 1.25
+    keep: float = 1.5
+    segments: tuple[int, ...] = (2, 4, 8, 16)
+    tough_factor: float = 1.5
+    dtype_gain: float = 0.95
+    max_check_every: int = 4
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.margin <= 1 or self.keep < 1:
+            raise ValueError("planner needs rounds >= 1, margin > 1 and keep >= 1")
 
 
 @dataclass

@@ -50,12 +50,12 @@ import gc
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
 from tarflow.model import Guidance, TarFlow
-from tarflow.sampling.plan import BlockPlan, Candidate, Plan, PrecisionNote
+from tarflow.sampling.plan import BlockPlan, Candidate, Plan, PlannerOptions, PrecisionNote
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.ranking import BlockRank
 from tarflow.sampling.sample import precision_errors
@@ -69,36 +69,6 @@ from tarflow.sampling.timing import pass_seconds, time_candidate, with_test_inte
 
 # timer(block, candidate, measured seconds) -> seconds to use. Tests inject costs through it.
 Timer = Callable[[int, BlockSchedule, float], float]
-
-
-@dataclass(frozen=True)
-class PlannerOptions:
-    """Knobs of :func:`plan_schedule` (defaults are what the sampler configs use).
-
-    Attributes:
-        rounds: probe rounds at most (round 0 times every candidate, later rounds the close
-            calls; a third round runs only where two disagree on a block's fastest).
-        margin: abandon a candidate once it has run this many times the best time so far.
-        keep: re-time candidates within this factor of the best in later rounds.
-        segments: GS segment counts tried (upwards) for tough blocks.
-        tough_factor: the paper's rule: a block is tough when its CRM share is at least this
-            times the uniform share 100/T.
-        dtype_gain: a low-precision network is a candidate at a segment length only when one
-            pass there takes at most this fraction of a full-precision pass.
-        max_check_every: the largest convergence-test interval chosen.
-    """
-
-    rounds: int = 3
-    margin: float = 1.25
-    keep: float = 1.5
-    segments: tuple[int, ...] = (2, 4, 8, 16)
-    tough_factor: float = 1.5
-    dtype_gain: float = 0.95
-    max_check_every: int = 4
-
-    def __post_init__(self) -> None:
-        if self.rounds < 1 or self.margin <= 1 or self.keep < 1:
-            raise ValueError("planner needs rounds >= 1, margin > 1 and keep >= 1")
 
 
 @torch.no_grad()
