@@ -173,7 +173,9 @@ class PreparedDataset(Dataset):
         if split not in splits:
             raise DataError(
                 f"prepared set {self.root} holds the splits {sorted(splits)}, not {split!r}; "
-                "prepare that split too (tarflow-prepare --splits ...)"
+                f"prepare that split too: tarflow-prepare {self.manifest.get('name')} "
+                f"{self.manifest.get('source_root')} {self.root} --img-size "
+                f"{self.manifest.get('img_size')} --splits {split}"
             )
         m = self.manifest
         self.name, self.img_size, self.channels = m["name"], int(m["img_size"]), int(m["channels"])
