@@ -159,6 +159,9 @@ def cli_main(hydra_main: Callable[[], T]) -> T:
     Returns:
         Whatever the task returned (Hydra sweepers read it).
     """
+    from tarflow.app.runs import run_dir_error
+
+    run_dir_error(forget=True)  # an earlier command's, in this process (tests, notebooks)
     debug = debug_requested()
     saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _OURS)}
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
@@ -172,8 +175,6 @@ def cli_main(hydra_main: Callable[[], T]) -> T:
             try:
                 return hydra_main()
             except OSError:  # Hydra could not create hydra.run.dir: say why in one line
-                from tarflow.app.runs import run_dir_error
-
                 if (unwritable := run_dir_error()) is None:
                     raise
                 raise ValueError(unwritable) from None

@@ -132,9 +132,13 @@ _NEW_DIRS: list[Path] = []
 _RUN_DIR_ERROR: list[str] = []
 
 
-def run_dir_error() -> str | None:
-    """Why ``hydra.run.dir`` cannot be written, when :class:`NewRunDir` found it so."""
-    return _RUN_DIR_ERROR[0] if _RUN_DIR_ERROR else None
+def run_dir_error(*, forget: bool = False) -> str | None:
+    """Why ``hydra.run.dir`` cannot be written, when :class:`NewRunDir` found it so
+    (``forget``: and forget it: a new command starts)."""
+    found = _RUN_DIR_ERROR[0] if _RUN_DIR_ERROR else None
+    if forget:
+        _RUN_DIR_ERROR.clear()
+    return found
 
 
 def missing_dirs(path: str | os.PathLike) -> list[Path]:
@@ -171,6 +175,7 @@ class NewRunDir(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _NEW_DIRS.clear()  # a sweep's failing job is reported by Hydra; its folder stays
+        _RUN_DIR_ERROR.clear()
 
 
 def remove_new_run_dir() -> list[Path]:
