@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app.checks.common import checkpoint_file
+from tarflow.app.checks.paths import expand_user_paths
 from tarflow.app.runs import holds_run, is_secondary_process
 from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
@@ -51,6 +52,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     Returns:
         The model's :class:`TarFlowConfig`.
     """
+    expand_user_paths(cfg)  # ckpt_path=~/...: Lightning's resume does not expand it
     _check_no_missing_values(cfg)
     model = _model_config(cfg)
     autoencoder = _check_latent(cfg, model)
