@@ -142,14 +142,13 @@ def test_stats_only_keeps_no_rows_and_no_logits_means_no_is() -> None:
     assert "custom extractor" in inception_score_unavailable(TinyExtractor())
 
 
-@pytest.mark.slow
 def test_is_kid_prc_fid_equal_torch_fidelity(tmp_path) -> None:
     """Same images, same weights: our per-rank pipeline equals torch-fidelity's own run."""
     from torch_fidelity import calculate_metrics
 
     weights = he_normal_inception(tmp_path / "inception.pth")
     assert has_classifier(weights)
-    gen_u8, ref_u8 = uint8_images(12, seed=5), uint8_images(12, seed=6)
+    gen_u8, ref_u8 = uint8_images(10, seed=5), uint8_images(10, seed=6)
 
     class Images(torch.utils.data.Dataset):
         def __init__(self, x):
@@ -161,12 +160,12 @@ def test_is_kid_prc_fid_equal_torch_fidelity(tmp_path) -> None:
         def __getitem__(self, i):
             return self.x[i]
 
-    kwargs = dict(isc_splits=3, kid_subsets=5, kid_subset_size=10)
+    kwargs = dict(isc_splits=2, kid_subsets=5, kid_subset_size=8)
     theirs = calculate_metrics(
         input1=Images(gen_u8), input2=Images(ref_u8), isc=True, fid=True, kid=True, prc=True,
         feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
-        cache=False, verbose=False, batch_size=12, cuda=False, save_cpu_ram=True, **kwargs)
-    extractor = InceptionFeatures(weights, batch_size=12)
+        cache=False, verbose=False, batch_size=10, cuda=False, save_cpu_ram=True, **kwargs)
+    extractor = InceptionFeatures(weights, batch_size=10)
     assert extractor.has_classifier
     ours_gen = merged(per_rank(extractor, as_model_images(gen_u8), 2))
     ref_feats = extractor(as_model_images(ref_u8))
