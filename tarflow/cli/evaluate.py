@@ -147,6 +147,8 @@ def _metrics(cfg: DictConfig, fid: dict[str, Any], data: dict[str, Any], world: 
         net, space = loaded.net, loaded.space
         n, batch = int(fid["num_samples"]), int(fid.get("batch_size") or 64)
         settings, schedule, plan = _schedule(cfg, net, space, data, n, batch, world)
+        out["seconds_planning"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
 
         def keep_grid(sampled, images):
             if world.is_main and sum(len(g) for g in grid) < grid_size:
@@ -200,7 +202,8 @@ def _metrics(cfg: DictConfig, fid: dict[str, Any], data: dict[str, Any], world: 
                              "metrics": "torch-fidelity 0.4.0 definitions on pool3 features "
                                         "(IS: logits_unbiased)"},
                 "seconds": {"sampling": float(times[0]), "decode": float(times[1]),
-                            "features": float(times[2]), "wall": wall,
+                            "features": float(times[2]), "wall_draw_and_features": wall,
+                            "planning": out.pop("seconds_planning", 0.0),
                             "reference": reference_seconds,
                             "metrics": time.perf_counter() - t1 - reference_seconds},
                 "reference_seconds": reference_seconds, "feature_seconds": float(times[2])})

@@ -102,6 +102,7 @@ def sample_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule 
             samples.update(*extract(extractor, images), indices=batch.indices)
         elif run.features is not None:
             run.features.update(extractor(images))
+        if run.features is not None:
             run.feature_seconds += time.perf_counter() - t1
     return run
 
