@@ -29,6 +29,7 @@ from tarflow.sampling import (
     rank_blocks,
     schedule_from_ranking,
 )
+from tarflow.sampling.knobs import GUIDANCE_KNOBS, KNOBS
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.schedule import INITS
@@ -158,8 +159,7 @@ def fid_per_method(args, model, methods: dict[str, Method], space) -> dict[str, 
                                       device=args.device)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
-                 guidance_rule=args.guidance_rule, denoise=args.denoise)
+    knobs = {k: getattr(args, k) for k in KNOBS}
     out = {}
     for name, method in {"sequential": Method(SamplingSchedule.sequential()), **methods}.items():
         out[name], _ = fid_at_n(model, None, reference, extractor, num_samples=args.fid,
@@ -221,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: FID of planned methods uses their schedule for batch {args.batch[0]}")
     for B in args.batch:
         noise, y = fixed_inputs(model, range(B), args.seed)  # the set's first B members
-        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
-                     guidance_rule=args.guidance_rule)
+        knobs = {k: getattr(args, k) for k in GUIDANCE_KNOBS}
         decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)
         methods_b = {**methods, **decided}
         if B == args.batch[0]:

@@ -32,8 +32,8 @@ from tarflow.model import (
 from tarflow.model.autoencoder import AutoencoderRecord, resolve_autoencoder
 from tarflow.model.checkpoint import read_file, split_checkpoint
 from tarflow.model.sharded import is_sharded_checkpoint
-from tarflow.model.speed_losses import parse_speed_terms
 from tarflow.sampling.settings import parse_sampler
+from tarflow.sampling.speed_losses import parse_speed_terms
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
