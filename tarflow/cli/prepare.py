@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     def on_plan(plan: dict, state: str, copied: int) -> None:
         nonlocal bar
         total = sum(s["count"] for s in plan["splits"].values())
-        word = {"fresh": "preparing", "resume": f"resuming ({copied} copied)", "done": "found"}
+        word = {
+            "fresh": "preparing",
+            "extend": "adding splits to",
+            "resume": f"resuming ({copied} copied)",
+            "done": "found",
+        }
         print(f"{word[state]}: {describe(plan)} -> {args.out} ({total} images)", flush=True)
         bar = tqdm(
             total=total, initial=copied, desc="preparing", unit="img", disable=state == "done"

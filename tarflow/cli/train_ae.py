@@ -14,8 +14,9 @@ posterior means of the training images fix ``shift_factor`` (their mean) and ``s
 (one over their standard deviation), stored in the autoencoder's own config as Stable
 Diffusion's 0.18215 is in its, so the flow sees latents of mean 0 and variance 1.
 
-The directory is built through ``tarflow.files.atomic_dir`` (a hidden sibling renamed into place), so an
-interrupted run leaves no half-written autoencoder; an existing one is refused unless ``--force``.
+The directory is built through ``tarflow.files.atomic_dir`` (a hidden sibling renamed into
+place), so an interrupted run leaves no half-written autoencoder; an existing one is refused
+unless ``--force``.
 """
 
 from __future__ import annotations

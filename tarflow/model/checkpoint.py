@@ -243,6 +243,9 @@ class CheckpointSummary:
         weights: "ema" or "raw" for our Lightning checkpoints, else None.
         autoencoder: a latent model's autoencoder record (``AutoencoderRecord.to_dict()``),
             or None for a pixel model.
+        epochs_done: whole epochs a Lightning checkpoint has trained (its fit loop's
+            processed epochs: an end-of-epoch save counts its epoch, a mid-epoch one does not).
+        global_step: optimiser steps a Lightning checkpoint has taken.
     """
 
     path: Path
@@ -252,6 +255,17 @@ class CheckpointSummary:
     data: dict | None = None
     weights: str | None = None
     autoencoder: dict | None = None
+    epochs_done: int | None = None
+    global_step: int | None = None
+
+
+def _epochs_done(obj: dict) -> int | None:
+    """Processed epochs in a Lightning checkpoint's fit-loop state (None: no such state)."""
+    try:
+        current = obj["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return max(int(current["processed"]), int(current["completed"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
@@ -268,9 +282,11 @@ def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
     hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), dict) else {}
     data = meta.get("data") or hparams.get("data")
     autoencoder = meta.get("autoencoder") or hparams.get("autoencoder")
+    step = obj.get("global_step")
     return CheckpointSummary(path, "pytorch-lightning_version" in obj, config, sd,
                              dict(data) if isinstance(data, dict) else None, meta.get("weights"),
-                             dict(autoencoder) if isinstance(autoencoder, dict) else None)
+                             dict(autoencoder) if isinstance(autoencoder, dict) else None,
+                             _epochs_done(obj), None if step is None else int(step))
 
 
 def load_weights(model: TarFlow, source: str | Path) -> str | None:
