@@ -48,5 +48,6 @@ def test_a_job_folder_without_a_result_or_a_reason_says_so(tmp_path: Path) -> No
         {"overrides": ["seed=1"], "error": "data.root /x | y does not exist"}))
     (tmp_path / "1").mkdir()  # killed before it wrote anything
     lines = summary_table(tmp_path, "train.json").splitlines()
-    assert lines[2] == "| 0 | 1 | failed: data.root /x / y does not exist |"
+    assert lines[0] == "| job | seed | train/loss | minutes |"
+    assert lines[2] == "| 0 | 1 | failed: data.root /x / y does not exist |  |"
     assert lines[3].startswith("| 1 | - | failed: no train.json (killed?")
