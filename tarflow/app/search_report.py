@@ -67,6 +67,14 @@ def sweep_points(sweep: Path) -> list[Point]:
     return [p for job in jobs if (p := read_point(job / "eval.json", job.name)) is not None]
 
 
+def _short(value: str) -> str:
+    """A searched float in 4 significant digits (Optuna suggests 0.0011205837185064174)."""
+    try:
+        return f"{float(value):.4g}" if any(c in value for c in ".e") else value
+    except ValueError:
+        return value
+
+
 def _table(points: list[Point], front: list[int], marks: dict[str, Point]) -> str:
     keys = sorted({k for p in points for k in p.overrides})
     varying = [k for k in keys if len({p.overrides.get(k) for p in points}) > 1]
@@ -75,8 +83,9 @@ def _table(points: list[Point], front: list[int], marks: dict[str, Point]) -> st
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i in front:
         p = points[i]
-        lines.append("| " + " | ".join([p.name, f"{p.seconds:.4g}", f"{p.fid:.4g}",
-                                        *(p.overrides.get(k, "-") for k in varying)]) + " |")
+        cells = [p.name, f"{p.seconds:.4g}", f"{p.fid:.4g}",
+                 *(_short(p.overrides.get(k, "-")) for k in varying)]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"{len(front)} of {len(points)} finished jobs are on the front (lower is "
                  f"better on both axes).")

@@ -27,6 +27,7 @@ from tests.reliability.helpers import (
 SHORT = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
          "logger=csv", "final_samples.enabled=false"]
 SLURM_SHAPE = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+TINY_DATA = [o for o in TINY if not o.startswith("trainer=")]  # the trainer is SLURM_SHAPE's
 
 
 def test_the_slurm_launcher_follows_the_trainer_and_refuses_a_hand_set_mismatch(
@@ -34,7 +35,7 @@ def test_the_slurm_launcher_follows_the_trainer_and_refuses_a_hand_set_mismatch(
     sweep = tmp_path / "sweep"
     shown, refused = run_clis([
         ("train", [*SLURM_SHAPE, "--cfg", "hydra", "--resolve"]),
-        ("train", ["-m", *SLURM_SHAPE, "hydra.launcher.tasks_per_node=2", *TINY,
+        ("train", ["-m", *SLURM_SHAPE, "hydra.launcher.tasks_per_node=2", *TINY_DATA,
                    f"hydra.sweep.dir={sweep}", f"paths.root_dir={tmp_path}"]),
     ], cwd=tmp_path)
     assert shown.code == 0, shown.err[-2000:]
@@ -57,10 +58,12 @@ def test_the_slurm_job_script_runs_with_the_world_slurm_describes(tmp_path: Path
     result = run_cli("train", "-m", *SLURM_SHAPE, "trainer.accelerator=cpu",
                      "trainer.precision=32-true",
                      "trainer.strategy={_target_:tests.integration.fake_slurm.WorldProbe}",
-                     *TINY, "logger=csv", "hydra.launcher.partition=gpu",
+                     *TINY_DATA, "logger=csv", "hydra.launcher.partition=gpu",
                      "hydra.launcher.srun_args=['--cpu-bind=none']",
                      f"hydra.sweep.dir={sweep}", f"paths.root_dir={tmp_path}",
                      cwd=tmp_path, env=env, timeout=300)
+    assert (tmp_path / "world.json").is_file(), (result.code, result.out[-2000:],
+                                                 result.err[-3000:])
     world = json.loads((tmp_path / "world.json").read_text())
     assert world == {"world_size": 8, "global_rank": 0, "local_rank": 0, "node_rank": 0,
                      "num_nodes": 2, "num_processes": 4, "cluster_environment": "SLURMEnvironment",

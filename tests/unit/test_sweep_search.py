@@ -90,3 +90,24 @@ def test_a_local_sweep_refuses_a_trainer_that_relaunches_itself(tmp_path: Path) 
     check_launcher(_hydra_cfg(tmp_path, ["hydra/launcher=local", "trainer=cpu",
                                          "trainer.devices=2", "+trainer.strategy=ddp_spawn"]))
     check_launcher(_hydra_cfg(tmp_path, ["hydra/launcher=local", "trainer=cpu"]))
+
+
+def test_the_report_of_an_eval_sweep_names_its_front_and_places_a_mark(tmp_path: Path) -> None:
+    import json
+
+    from tarflow.app.search_report import write_report
+
+    for job, (seconds, fid, tol) in enumerate([(0.1, 30.0, "0.01"), (0.2, 20.0, "0.001"),
+                                                (0.3, 25.0, "0.0001")]):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "eval.json").write_text(json.dumps(
+            {"val/fid_64": fid, "seconds_per_image": seconds, "overrides": [f"sampler.tol={tol}"]}))
+    (tmp_path / "3").mkdir()  # a failed job: no eval.json, no point
+    mark = tmp_path / "auto.json"
+    mark.write_text(json.dumps({"val/fid_64": 26.0, "seconds_per_image": 0.25}))
+    table = write_report(tmp_path, {"auto": mark}).read_text().splitlines()
+    assert table[0] == "| job | s/image | val/fid_64 | sampler.tol |"
+    assert table[2:4] == ["| 0 | 0.1 | 30 | 0.01 |", "| 1 | 0.2 | 20 | 0.001 |"]
+    assert "2 of 3 finished jobs are on the front" in table[5]
+    assert table[6] == "auto: 0.25 s/image, val/fid_64 26: dominated by job(s) 1."
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
