@@ -67,6 +67,7 @@ from tarflow.app.eval_metrics import (
 from tarflow.app.eval_sampler import choose_sampler, sampler_lines
 from tarflow.app.logs import job_log
 from tarflow.app.runs import remove_new_run_dir, save_records, write_keeping_previous
+from tarflow.app.sweep_jobs import run_job
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
 from tarflow.eval.fid_at_n import feature_extractor, sample_set
@@ -285,15 +286,25 @@ def _task_overrides() -> list[str]:
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    """Returns the ``optimized_metric`` for Hydra sweepers."""
+def _hydra_main(cfg: DictConfig) -> float | list[float | None] | None:
+    """Returns the ``optimized_metric`` for Hydra sweepers: one value, or a list of them for a
+    list of keys (a multi-objective search); in a sweep, a failed job is recorded and returns
+    None (:func:`~tarflow.app.sweep_jobs.run_job`)."""
+    return run_job(lambda: _job(cfg))
+
+
+def _job(cfg: DictConfig) -> float | list[float | None] | None:
     # A bad config or checkpoint is one line, not a traceback; printed lines go to evaluate.log.
     with one_line_errors(), job_log():
         check_job_types(cfg)  # fid.num_samples=abc: one line naming the key
         results = run(cfg)
-    key = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
-    value = results.get(key)
-    return float(value) if isinstance(value, (int, float)) else None
+    keys = cfg.get("optimized_metric") or f"val/fid_{cfg.fid.num_samples}"
+
+    def value(key: str) -> float | None:
+        found = results.get(str(key))
+        return float(found) if isinstance(found, (int, float)) else None
+
+    return value(keys) if isinstance(keys, str) else [value(k) for k in keys]
 
 
 def main() -> float | None:

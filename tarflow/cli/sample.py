@@ -47,6 +47,7 @@ from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.logs import job_log
 from tarflow.app.runs import save_records
 from tarflow.app.sample_outputs import SampleFiles, clear_outputs
+from tarflow.app.sweep_jobs import run_job
 from tarflow.conf import CONFIG_DIR
 from tarflow.eval import images_to_uint8
 from tarflow.eval.fid_at_n import sample_set
@@ -132,11 +133,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="sample")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """Returns the seconds per image (a sweeper can minimise it); in a sweep, a failed job is
+    recorded and returns None (:func:`~tarflow.app.sweep_jobs.run_job`)."""
+    return run_job(lambda: _job(cfg))
+
+
+def _job(cfg: DictConfig) -> float | None:
     # A bad config or checkpoint is one line, not a traceback; printed lines go to sample.log.
     with one_line_errors(), job_log():
         check_job_types(cfg)  # num_samples=abc: one line naming the key
-        run(cfg)
+        result = run(cfg)
+    return result.get("seconds_per_image")
 
 
 def main() -> None:
