@@ -16,11 +16,12 @@ from functools import partial
 
 import torch
 
-from tarflow.app.checks.common import refuse_low_counts
+from tarflow.app.checks.common import refuse_fid_inputs, refuse_low_counts, refuse_unwritable
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
 from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
+from tarflow.files import atomic_write
 from tarflow.model.guidance import RULES
 from tarflow.sampling import (
     PlanCache,
@@ -205,10 +206,12 @@ def refuse_retired_methods(methods: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     refuse_low_counts(args, MINIMUM)
+    refuse_unwritable(args, files={"json": "--json"})
     refuse_retired_methods(args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, space = load_model(args)
+    refuse_fid_inputs(args.fid, args.fid_stats, args.inception_weights, space.image_shape[1])
     methods, (note, ranking) = resolve_methods(args, model, space)
     cfg = model.config
     if space.latent:
@@ -257,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{d['seconds'] * 1e3:.1f} ms ({d['seconds_per_image'] * 1e3:.2f} ms/image, "
               f"{d['vs_sequential']:.2f}x the sequential sampler's time)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": [r.to_dict() for r in all_rows],
-                       **({"decode": decode} if decode else {})}, f, indent=2)
+        record = {"args": vars(args), "rows": [r.to_dict() for r in all_rows],
+                  **({"decode": decode} if decode else {})}
+        atomic_write(args.json, json.dumps(record, indent=2))
     return 0
 
 
