@@ -1,4 +1,4 @@
-"""Which sampler ``tarflow-eval`` uses: by default, the one validation used.
+"""Which sampler ``tarflow-eval`` and ``tarflow-sample`` use: by default, the one validation used.
 
 The demo run logs FID 43 (GS-Jacobi with guidance 1 and self-denoising); ``tarflow-eval`` with
 its config's default sampler (sequential, neither) measured 122 on the same checkpoint, and said
@@ -58,6 +58,15 @@ def chosen_on_command_line(overrides: list[str]) -> bool:
         if key.split(".", 1)[0].split("/", 1)[0] in _CHOOSERS:
             return True
     return False
+
+
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (none outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
 
 
 def describe(sampler: dict[str, Any] | None) -> str:
