@@ -103,7 +103,7 @@ def sampler_lines(info: dict[str, Any], used: dict[str, Any]) -> list[str]:
     if info["sampler_source"] == "validation":
         return [f"sampler: {describe(used)}, as in validation (recorded in "
                 f"{info['validation_sampler_from']}); sampler=... chooses another"]
-    lines = [f"sampler: {describe(used)}, from the command line / eval config"]
+    lines = [f"sampler: {describe(used)}, from the command line / the command's config"]
     if validation is None:
         lines.append("validation sampler: not recorded with this checkpoint")
     elif validation != {k: used.get(k) for k in validation}:
