@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tarflow.data import PREPARABLE, DataError, prepare_dataset
+from tarflow.data import ALIASES, PREPARABLE, DataError, dataset_name, prepare_dataset
 from tarflow.data.prepared import describe
 
 
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="then train with data.root=OUT, e.g.  tarflow-train experiment=img64_cond "
         "data.root=OUT",
     )
-    p.add_argument("name", choices=sorted(PREPARABLE), help="dataset (the data config's name)")
+    p.add_argument("name", choices=sorted(PREPARABLE), type=dataset_name,
+                   help="dataset (also the data config's names: "
+                   + ", ".join(f"{a} = {n}" for a, n in sorted(ALIASES.items())) + ")")
     p.add_argument(
         "source",
         help="what data.root would be for the plain reader: the directory "
@@ -76,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
 
+    from tarflow.app.checks.common import refuse_unwritable
+
+    refuse_unwritable(args, folders={"out": "OUT"})
+
     from tarflow.app.errors import fail
 
     bar = None
@@ -83,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     def on_plan(plan: dict, state: str, copied: int) -> None:
         nonlocal bar
         total = sum(s["count"] for s in plan["splits"].values())
-        word = {"fresh": "preparing", "resume": f"resuming ({copied} copied)", "done": "found"}
+        word = {
+            "fresh": "preparing",
+            "extend": "adding splits to",
+            "resume": f"resuming ({copied} copied)",
+            "done": "found",
+        }
         print(f"{word[state]}: {describe(plan)} -> {args.out} ({total} images)", flush=True)
         bar = tqdm(
             total=total, initial=copied, desc="preparing", unit="img", disable=state == "done"

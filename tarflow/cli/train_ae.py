@@ -14,8 +14,9 @@ posterior means of the training images fix ``shift_factor`` (their mean) and ``s
 (one over their standard deviation), stored in the autoencoder's own config as Stable
 Diffusion's 0.18215 is in its, so the flow sees latents of mean 0 and variance 1.
 
-The directory is built through ``tarflow.files.atomic_dir`` (a hidden sibling renamed into place), so an
-interrupted run leaves no half-written autoencoder; an existing one is refused unless ``--force``.
+The directory is built through ``tarflow.files.atomic_dir`` (a hidden sibling renamed into
+place), so an interrupted run leaves no half-written autoencoder; an existing one is refused
+unless ``--force``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from tarflow.app.checks.common import refuse_low_counts
 from tarflow.app.errors import fail
+from tarflow.cli.common import ExamplesFormatter
 from tarflow.data import build_dataset
 from tarflow.files import atomic_dir
 from tarflow.model.autoencoder import small_autoencoder
@@ -41,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tarflow-train-ae",
         description="Train a small diffusers AutoencoderKL on an in-memory dataset (the digits "
         "by default) and save it with save_pretrained for a latent demo (experiment="
-        "demo_latent reads outputs/autoencoders/demo).")
+        "demo_latent reads outputs/autoencoders/demo).",
+        epilog="examples:\n"
+        "  tarflow-train-ae                      # the digits, 16x16x1 -> 8x8x4, into "
+        "outputs/autoencoders/demo\n"
+        "  tarflow-train-ae --steps 300 --out /tmp/ae --force\n"
+        "  tarflow-encode experiment=demo_latent && tarflow-train experiment=demo_latent"
+        "   # then",
+        formatter_class=ExamplesFormatter)
     p.add_argument("--data", default="demo", help="dataset registry name (default: demo)")
     p.add_argument("--root", help="dataset root for datasets on disk")
     p.add_argument("--img-size", type=int, default=16)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from tarflow.data.errors import DataError, DataWarning
+from tarflow.data.subsets import files_id
 from tarflow.data.transforms import image_transform, resize_crop
 
 __all__ = ["AFHQ_CLASSES", "IMG_EXTENSIONS", "ImageFolderDataset", "afhq_dataset"]
@@ -180,6 +182,13 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._paths)
+
+    def source_id(self, indices: Sequence[int] | None = None) -> str:
+        """The files of items ``indices`` (all by default) by name, size and modification time,
+        with the class names: two folders, or one folder edited, give two ids."""
+        n = len(self)
+        picks = range(n) if indices is None else sorted({int(i) % n for i in indices})
+        return "folder:" + files_id(self.root, (self._paths[i] for i in picks), self.class_names)
 
     def path(self, index: int) -> Path:
         """Absolute path of item ``index`` (after negative-index wrapping)."""

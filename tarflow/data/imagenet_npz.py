@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from tarflow.data.errors import DataError, DataWarning
+from tarflow.data.subsets import files_id
 from tarflow.data.transforms import uint8_to_signed
 
 __all__ = [
@@ -215,6 +216,10 @@ class ImageNetNpzDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def source_id(self, indices=None) -> str:
+        """The npz files read, by name, size and modification time (all items come from them)."""
+        return "npz:" + files_id(self.files[0].parent, [f.name for f in self.files], self.img_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return item ``index``.

@@ -6,9 +6,12 @@ written, from which sources) goes to ``plan.json`` first; each source part (one 
 and only then recorded in ``progress.json``. A restarted preparation with the same plan skips the
 recorded parts; a part interrupted mid-way is simply copied again. A split's files lose their
 ``.partial`` suffix once whole, and ``manifest.json``, the only file a reader accepts, is written
-last. Fingerprints (name, size and a hash of the first and last MiB of each npz file; the sorted
-listing with sizes of an image folder) are cheap to recompute and survive a copy of the sources,
-unlike modification times.
+last. Sources are checked and fingerprinted in :mod:`tarflow.data.prepare_sources`.
+
+A split prepared later (``--splits val`` after ``--splits train``) joins a finished set when
+the set's dataset, size, channels, classes and shared splits' sources agree: the held splits are
+kept, the new one is copied the same resumable way, and the manifest is replaced last. A set
+the output's disk cannot hold is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -18,17 +21,16 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from tarflow.data.errors import DataError
-from tarflow.data.folder import ImageFolderDataset
-from tarflow.data.imagenet_npz import NUM_CLASSES, check_header, npz_files, read_npz
+from tarflow.data.imagenet_npz import NUM_CLASSES
+from tarflow.data.prepare_sources import check_sources
 from tarflow.data.prepared import (
     FORMAT,
     MANIFEST,
@@ -36,15 +38,13 @@ from tarflow.data.prepared import (
     PROGRESS,
     array_files,
     describe,
-    looks_prepared,
     read_prepared,
 )
-from tarflow.data.registry import PREPARABLE, build_dataset
+from tarflow.data.registry import PREPARABLE
 from tarflow.files import atomic_write, fsync_dir, fsync_file
 
 __all__ = ["prepare_dataset"]
 
-_SAMPLE = 1 << 20  # bytes hashed at each end of an npz file
 LOCK = ".prepare.lock"
 
 
@@ -52,123 +52,17 @@ def _durable_json(path: Path, data: Mapping[str, Any]) -> None:
     atomic_write(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def _file_print(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_SAMPLE))
-        f.seek(max(0, size - _SAMPLE))
-        h.update(f.read(_SAMPLE))
-    return {"name": path.name, "size": size, "sample_sha256": h.hexdigest()}
-
-
-class _NpzSource:
-    """Official npz files of one split; part k is file k."""
-
-    def __init__(self, files: list[Path], img_size: int) -> None:
-        self.root, self.files, self.img_size = files[0].parent, files, img_size
-        self.parts = [check_header(f, img_size) for f in files]
-        self.fingerprint = {"kind": "npz", "files": [_file_print(f) for f in files]}
-
-    def read(self, k: int, start: int, workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        images, labels = read_npz(self.files[k], self.parts[k], self.img_size)
-        return images, labels, []
-
-
-class _Cropped(Dataset):
-    """Folder images ``start ..`` as uint8 (C, S, S) tensors, for DataLoader workers."""
-
-    def __init__(self, folder: ImageFolderDataset, start: int, count: int) -> None:
-        self.folder, self.start, self.count = folder, start, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        img, label, read = self.folder.image(self.start + i)
-        a = np.array(img)  # (S, S) for "L", (S, S, C) for "RGB"; a writable copy
-        a = a[None] if a.ndim == 2 else a.transpose(2, 0, 1)  # -> (C, S, S)
-        return torch.from_numpy(np.ascontiguousarray(a)), label, read
-
-
-class _FolderSource:
-    """An image folder split; part k is images ``[k * chunk, (k + 1) * chunk)``."""
-
-    def __init__(self, folder: ImageFolderDataset, chunk: int) -> None:
-        self.folder, self.root = folder, folder.root
-        n = len(folder)
-        self.parts = [min(chunk, n - s) for s in range(0, n, chunk)]
-        listing = hashlib.sha256()
-        total = 0
-        for i in range(n):
-            path = folder.path(i)
-            size = path.stat().st_size
-            total += size
-            listing.update(f"{path.relative_to(folder.root)}\0{size}\n".encode("utf-8", "replace"))
-        self.fingerprint = {
-            "kind": "folder",
-            "classes": folder.class_names,
-            "files": n,
-            "bytes": total,
-            "listing_sha256": listing.hexdigest(),
-        }
-
-    def read(self, k: int, start: int, workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        loader = DataLoader(
-            _Cropped(self.folder, start, self.parts[k]), batch_size=64, num_workers=workers
-        )
-        images, labels, substituted = [], [], []
-        at = start
-        for x, y, read in loader:
-            images.append(x.numpy())
-            labels.append(y.numpy())
-            wanted = torch.arange(at, at + len(x))
-            # An unreadable image was replaced by the next readable one, as the reader does.
-            substituted += [str(self.folder.path(int(i))) for i in wanted[read != wanted]]
-            at += len(x)
-        return np.concatenate(images), np.concatenate(labels).astype(np.int64), substituted
-
-
-def _sources(name, root: Path, img_size, channels, splits, chunk) -> dict[str, Any]:
-    """Check the sources of every split (nothing is written yet)."""
-    if name not in PREPARABLE:
-        raise DataError(f"tarflow-prepare reads {sorted(PREPARABLE)}, not {name!r}")
-    if not root.is_dir():
-        what = "is not a directory" if root.exists() else "does not exist"
-        raise FileNotFoundError(f"source directory {root} {what}")
-    if looks_prepared(root):
-        raise DataError(f"{root} is already a prepared set; pass the original files' directory")
-    npz = name == "imagenet64" and any(root.glob("*.npz"))
-    if splits is None:
-        if npz:
-            splits = [
-                s
-                for s, glob in (("train", "train_data_batch_*.npz"), ("val", "val_data.npz"))
-                if any(root.glob(glob))
-            ] or ["train"]
-        else:
-            splits = [s for s in ("train", "val") if (root / s).is_dir()] or ["train"]
-    out = {}
-    for split in splits:
-        if split not in ("train", "val"):
-            raise DataError(f"splits are 'train' and 'val', not {split!r}")
-        if npz:
-            if channels != 3:
-                raise DataError(f"ImageNet npz files are RGB; use --channels 3 (got {channels})")
-            out[split] = _NpzSource(npz_files(root, train=split == "train"), img_size)
-        else:
-            folder = build_dataset(
-                name, root=root, img_size=img_size, split=split, channels=channels, flip=False
-            )
-            out[split] = _FolderSource(folder, chunk)
-    return out
+def _sources_id(name: str, img_size: int, channels: int, prints: Mapping[str, Any]) -> str:
+    """The set's identity: dataset, size, channels and every split's source fingerprint."""
+    blob = json.dumps(
+        {"name": name, "img_size": img_size, "channels": channels, "src": dict(prints)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _plan(name, root: Path, img_size, channels, sources: dict[str, Any]) -> dict[str, Any]:
     prints = {split: src.fingerprint for split, src in sources.items()}
-    blob = json.dumps(
-        {"name": name, "img_size": img_size, "channels": channels, "src": prints}, sort_keys=True
-    )
     first = next(iter(sources.values()))
     classes = getattr(getattr(first, "folder", None), "class_names", None)
     return {
@@ -180,7 +74,7 @@ def _plan(name, root: Path, img_size, channels, sources: dict[str, Any]) -> dict
         "class_names": classes or [],
         "layout": "images uint8 (N, C, S, S); labels int64 (N,), 0-based",
         "source_root": str(root),
-        "sources_id": hashlib.sha256(blob.encode()).hexdigest()[:12],
+        "sources_id": _sources_id(name, img_size, channels, prints),
         "splits": {
             split: {
                 "count": sum(src.parts),
@@ -193,21 +87,95 @@ def _plan(name, root: Path, img_size, channels, sources: dict[str, Any]) -> dict
     }
 
 
-def _existing_state(out: Path, plan: dict[str, Any]) -> str:
-    """``"done"``, ``"resume"`` or ``"fresh"``; refuse another set's directory in one line."""
-    for name, state in ((MANIFEST, "done"), (PLAN, "resume")):
-        if (out / name).is_file():
-            theirs = read_prepared(out) if state == "done" else json.loads((out / name).read_text())
-            if theirs.get("sources_id") != plan["sources_id"]:
-                what = "holds" if state == "done" else "holds an unfinished preparation of"
-                raise DataError(
-                    f"{out} {what} {describe(theirs)}, not {describe(plan)}; choose another "
-                    "output directory or delete it"
-                )
-            return state
+def _same_set(theirs: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
+    """Whether ``plan``'s splits belong to the set ``theirs`` describes: the same dataset, size,
+    channels and classes, and the same source for every split both hold (with no split in
+    common, the same source directory)."""
+    if any(theirs.get(k) != plan[k] for k in ("name", "img_size", "channels", "class_names")):
+        return False
+    common = set(theirs["splits"]) & set(plan["splits"])
+    if not common:
+        return Path(str(theirs.get("source_root"))).resolve() == Path(plan["source_root"]).resolve()
+    return all(theirs["splits"][s]["source"] == plan["splits"][s]["source"] for s in common)
+
+
+def _refuse_other(out: Path, what: str, theirs: Mapping[str, Any], plan: Mapping[str, Any]):
+    raise DataError(
+        f"{out} {what} {describe(theirs)}, not {describe(plan)}; choose another output "
+        "directory or delete it"
+    )
+
+
+def _all_parts(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
+    return {s: list(range(len(info["parts"]))) for s, info in manifest["splits"].items()}
+
+
+def _existing_state(out: Path, plan: dict[str, Any]) -> tuple[str, dict[str, Any], dict]:
+    """What to do in ``out``: ``"done"``, ``"resume"``, ``"extend"`` (add splits to a finished
+    set) or ``"fresh"``, with the plan to carry out and the progress record (parts already
+    copied); refuse another set's directory in one line."""
+    manifest = read_prepared(out) if (out / MANIFEST).is_file() else None
+    unfinished = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
+    if unfinished is not None and manifest is not None:
+        if unfinished.get("sources_id") == manifest.get("sources_id"):
+            unfinished = None  # a crash after the manifest, before the clean-up
+    held = set(manifest["splits"]) if manifest is not None else set()
+    if unfinished is not None:  # a preparation, or an added split, to finish
+        if not _same_set(unfinished, plan):
+            _refuse_other(out, "holds an unfinished preparation of", unfinished, plan)
+        needed = sorted(set(unfinished["splits"]) - held)
+        if not set(needed) <= set(plan["splits"]) <= set(unfinished["splits"]):
+            raise DataError(
+                f"{out} holds an unfinished preparation of the splits {needed}; finish it "
+                f"first: the same command with --splits {' '.join(needed)}"
+            )
+        state = {"done": _all_parts(manifest) if manifest else {}, "substituted": {}}
+        if (out / PROGRESS).is_file():
+            state = json.loads((out / PROGRESS).read_text())
+        return "resume", unfinished, state
+    if manifest is not None:
+        if not _same_set(manifest, plan):
+            _refuse_other(out, "holds", manifest, plan)
+        new = [s for s in plan["splits"] if s not in held]
+        if not new:
+            return "done", manifest, {"done": _all_parts(manifest), "substituted": {}}
+        # A split added to a finished set: the held splits stay as they are (readers keep
+        # reading them through the old manifest until the new one replaces it).
+        merged = {k: v for k, v in manifest.items() if k != "complete"}
+        merged["splits"] = {**manifest["splits"], **{s: plan["splits"][s] for s in new}}
+        prints = {s: info["source"] for s, info in merged["splits"].items()}
+        merged["sources_id"] = _sources_id(
+            merged["name"], merged["img_size"], merged["channels"], prints
+        )
+        return "extend", merged, {"done": _all_parts(manifest), "substituted": {}}
     if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise DataError(f"output {out} exists and is not a prepared set; choose a new directory")
-    return "fresh"
+    return "fresh", plan, {"done": {}, "substituted": {}}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_space(out: Path, plan: Mapping[str, Any], progress_state: Mapping[str, Any]) -> None:
+    """Refuse a set the disk under ``out`` cannot hold, before a byte of it is written."""
+    item = plan["channels"] * plan["img_size"] ** 2 + 8  # uint8 image + int64 label
+    done = progress_state["done"]
+    need = item * sum(
+        n
+        for split, info in plan["splits"].items()
+        for k, n in enumerate(info["parts"])
+        if k not in done.get(split, ())
+    )
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise DataError(
+            f"{out} would need {_size(need)} for {describe(plan)} but its disk has "
+            f"{_size(free)} free; choose a smaller --img-size or another output directory"
+        )
 
 
 def _open_partial(path: Path, shape: tuple[int, ...], dtype: str) -> np.memmap:
@@ -271,12 +239,8 @@ def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> 
 def _run(out, plan, sources, progress, on_plan, workers) -> tuple[dict[str, Any], bool]:
     """The copying of :func:`prepare_dataset`, holding the directory's lock."""
     # Again: another preparation may have finished or started here before the lock was ours.
-    state = _existing_state(out, plan)
-    progress_state = {"done": {}, "substituted": {}}
-    if state == "resume":  # with the recorded parts: a changed --chunk must not move boundaries
-        plan = json.loads((out / PLAN).read_text())
-        if (out / PROGRESS).is_file():
-            progress_state = json.loads((out / PROGRESS).read_text())
+    # On resume, the recorded plan: a changed --chunk must not move the part boundaries.
+    state, plan, progress_state = _existing_state(out, plan)
     if on_plan is not None:
         copied = sum(
             plan["splits"][split]["parts"][k]
@@ -288,7 +252,7 @@ def _run(out, plan, sources, progress, on_plan, workers) -> tuple[dict[str, Any]
         for leftover in (PLAN, PROGRESS):  # a crash after the manifest, before the clean-up
             (out / leftover).unlink(missing_ok=True)
         return read_prepared(out), False
-    if state == "fresh":
+    if state in ("fresh", "extend"):
         _durable_json(out / PLAN, plan)
     for split, src in sources.items():
         src.parts = plan["splits"][split]["parts"]
@@ -334,15 +298,22 @@ def prepare_dataset(
         The manifest, and whether anything was copied (False: it was already prepared).
     """
     root, out = Path(source).expanduser(), Path(out).expanduser()
-    img_size = int(img_size or PREPARABLE.get(name, 0))
-    if img_size < 1 or chunk < 1 or workers < 0 or channels not in (1, 3):
+    img_size = int(PREPARABLE.get(name, 0) if img_size is None else img_size)
+    if img_size < 1:
+        raise DataError(f"--img-size must be at least 1 (got {img_size})")
+    if chunk < 1 or workers < 0 or channels not in (1, 3):
         raise DataError(
-            f"need img_size >= 1, chunk >= 1, workers >= 0, channels 1 or 3; got "
-            f"{img_size}, {chunk}, {workers}, {channels}"
+            f"need chunk >= 1, workers >= 0, channels 1 or 3; got {chunk}, {workers}, {channels}"
         )
-    sources = _sources(name, root, img_size, channels, splits, chunk)
+    sources = check_sources(name, root, img_size, channels, splits, chunk)
     plan = _plan(name, root, img_size, channels, sources)
-    _existing_state(out, plan)  # refuse another set's directory before creating anything
+    # Refuse another set's directory, or a set the disk cannot hold, before creating anything.
+    state, plan_, progress_state = _existing_state(out, plan)
+    if state != "done":
+        _check_space(out, plan_, progress_state)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        return _run(out, plan, sources, progress, on_plan, workers)
+        result = _run(out, plan, sources, progress, on_plan, workers)
+        # A finished set keeps no lock file (a later run finds the manifest and writes nothing).
+        (out / LOCK).unlink(missing_ok=True)
+        return result

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from tarflow.data.errors import DataError
 from tarflow.data.imagenet_npz import read_npy_header
+from tarflow.data.subsets import files_id
 from tarflow.data.transforms import uint8_to_signed
 
 __all__ = [
@@ -173,7 +174,9 @@ class PreparedDataset(Dataset):
         if split not in splits:
             raise DataError(
                 f"prepared set {self.root} holds the splits {sorted(splits)}, not {split!r}; "
-                "prepare that split too (tarflow-prepare --splits ...)"
+                f"prepare that split too: tarflow-prepare {self.manifest.get('name')} "
+                f"{self.manifest.get('source_root')} {self.root} --img-size "
+                f"{self.manifest.get('img_size')} --splits {split}"
             )
         m = self.manifest
         self.name, self.img_size, self.channels = m["name"], int(m["img_size"]), int(m["channels"])
@@ -209,6 +212,16 @@ class PreparedDataset(Dataset):
 
     def __len__(self) -> int:
         return self._count
+
+    def source_id(self, indices=None) -> str:
+        """The split's identity: dataset, size, channels, its source's fingerprint from the
+        manifest, and its array files' sizes and modification times (two sets prepared from
+        look-alike sources differ; a split added later leaves this one's id unchanged)."""
+        m = self.manifest
+        facts = [m["name"], m["img_size"], m["channels"], self.split, self._count,
+                 m["splits"][self.split].get("source")]
+        names = [self._images_path.name, self._labels_path.name]
+        return "prepared:" + files_id(self._images_path.parent, names, facts)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Return item ``index``.

@@ -7,7 +7,11 @@ statistics both read their images this way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -33,3 +37,26 @@ def image_batches(dataset: Dataset, indices: Sequence[int], batch_size: int,
     indices = list(indices)
     for start in range(0, len(indices), batch_size):
         yield stack_items(dataset, indices[start:start + batch_size])[0].to(device)
+
+
+def files_id(root: Path, names: Iterable[str], *extra: Any) -> str:
+    """A short hash of files under ``root`` by relative name, size and modification time (plus
+    ``extra`` JSON-able facts): cheap to compute, and it changes when any file is replaced,
+    edited, added or removed. A file that cannot be read counts as size -1."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for name in names:
+        try:
+            st = (root / name).stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size, mtime = -1, 0
+        digest.update(f"{name}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:16]
+
+
+def source_id(dataset: Dataset, indices: Sequence[int]) -> str | None:
+    """What the items ``indices`` of ``dataset`` are read from, as a short hash (the dataset's
+    own ``source_id``): a prepared split's source fingerprint, a folder's files, an npz reader's
+    files. None for generated data, which its name and settings already fix."""
+    identify = getattr(dataset, "source_id", None)
+    return identify(indices) if callable(identify) else None

@@ -2,22 +2,23 @@
 
 The statistics use a fixed subset of a dataset (:func:`tarflow.data.subsets.fixed_subset`), so
 every run, the ``tarflow-eval`` command and ``scripts/prepare_fid_stats.py`` pick the same images.
-The cache carries its settings (:func:`reference_meta`); a cache computed for other images is
-recomputed instead of being compared against.
+The cache carries its settings (:func:`reference_meta`), including the identity of the files
+the images come from; a cache computed for other images (another folder or prepared set under
+the same name, size, split and count) is recomputed instead of being compared against.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
-from tarflow.data.subsets import fixed_subset, image_batches
+from tarflow.data.subsets import fixed_subset, image_batches, source_id
 from tarflow.eval.fid import FeatureStats
 from tarflow.eval.references import ReferenceStats, load_or_compute_reference, reference_format
 
@@ -32,10 +33,17 @@ def describe_dataset(dataset: Dataset) -> dict[str, Any]:
     }
 
 
-def reference_meta(dataset: Dataset, *, split: str, count: int, seed: int) -> dict[str, Any]:
-    """What determines a reference-statistics file: the images and how they were chosen."""
-    return {**describe_dataset(dataset), "split": str(split), "count": int(count),
+def reference_meta(dataset: Dataset, *, split: str, count: int, seed: int,
+                   indices: Sequence[int] | None = None) -> dict[str, Any]:
+    """What determines a reference-statistics file: the images and how they were chosen.
+
+    With ``indices`` (the subset read), ``source`` also names the files they come from
+    (:func:`tarflow.data.subsets.source_id`): another folder or prepared set with the same
+    name, size, split and count gives other statistics, so its cache is recomputed."""
+    meta = {**describe_dataset(dataset), "split": str(split), "count": int(count),
             "subset_seed": int(seed)}
+    source = None if indices is None else source_id(dataset, indices)
+    return meta if source is None else {**meta, "source": source}
 
 
 def stats_file_name(dataset: str, img_size: int, channels: int, split: str, count: int) -> str:
@@ -107,7 +115,7 @@ def reference_stats(path: str | Path, dataset: Dataset, extractor: Callable, *, 
     if reference_format(path) in (None, "tarflow-npz"):  # an external reference: as it is
         path, _ = reference_path(path, dataset, split=split, count=count)
     indices = fixed_subset(dataset, count, seed)
-    meta = reference_meta(dataset, split=split, count=len(indices), seed=seed)
+    meta = reference_meta(dataset, split=split, count=len(indices), seed=seed, indices=indices)
     stats = load_or_compute_reference(
         path, lambda: image_batches(dataset, indices, batch_size, device), extractor, meta,
         progress=progress)
@@ -121,5 +129,5 @@ def reference_provenance(reference: ReferenceStats) -> dict[str, Any]:
     """The reference's format, file, sample count and checksum (plus our cache's own tags),
     as plain values for logs, hyper-parameters and ``eval.json``."""
     keep = ("format", "path", "num_samples", "sha256", "img_size", "dataset", "split",
-            "extractor", "subset_seed")
+            "extractor", "subset_seed", "source")
     return {k: reference.meta[k] for k in keep if k in reference.meta}

@@ -51,10 +51,12 @@ def checkpoint(tmp_path_factory) -> Path:
 def compose_cfg(name: str, tmp_path: Path, overrides: list[str], *,
                 hydra_node: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()
+    # An evaluation's W&B run costs seconds; tests/integration/test_eval_ranks.py checks it.
+    quiet = ["log.wandb=false"] if name == "eval" else []
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(name, overrides=[f"paths.root_dir={tmp_path}",
                                         f"paths.output_dir={tmp_path / 'out'}", "device=cpu",
-                                        "progress=false", *overrides],
+                                        "progress=false", *quiet, *overrides],
                        return_hydra_config=hydra_node)
 
 

@@ -17,13 +17,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tarflow.app.checks.common import check_device, check_dtype, checkpoint_file
+from tarflow.app.checks.eval_inputs import check_adm_reference, check_ranks, check_samples
+from tarflow.app.checks.paths import check_writable, expand_user_paths
 from tarflow.app.checks.train import check_fid_reference, check_sampler, normalise_schedule
 from tarflow.app.distributed import World
 from tarflow.app.sample_outputs import check_out_dir
 from tarflow.app.sample_shards import file_fingerprint, set_identity
 from tarflow.conf import CONFIG_DIR
-from tarflow.model import CheckpointSummary, describe_checkpoint
+from tarflow.model import CheckpointSummary, describe_checkpoint, weights_mismatch
 from tarflow.model.autoencoder import locate, resolve_autoencoder
+from tarflow.model.checkpoint import mismatch_error
 from tarflow.model.loading import pick_device
 from tarflow.model.space import make_space
 
@@ -48,6 +51,8 @@ def check_sample_config(cfg: DictConfig, world: World | None = None) -> SampleCh
     """
     world = world or World()
     _check_keys(cfg, "sample")
+    expand_user_paths(cfg)
+    check_writable("out_dir", cfg.out_dir, folder=True)
     summary = _checkpoint(cfg)
     check_autoencoder(summary, cfg.get("autoencoder_path"))
     model = summary.config
@@ -104,39 +109,72 @@ def probe_from_record(cfg: DictConfig, summary: CheckpointSummary) -> None:
             probe.dataset_kwargs = dict(recorded.get("dataset_kwargs") or {})
 
 
-def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
+def check_eval_config(cfg: DictConfig, world: World | None = None) -> CheckpointSummary | None:
     """Refuse a ``tarflow-eval`` config that cannot work, and fill in the evaluation data from
     the checkpoint's record when ``data.name`` is not given (see :func:`resolve_data`).
 
+    With ``samples=PATH`` the images are read, not drawn: the checkpoint is optional (it then
+    only names the dataset and, if ``bpd.enabled``, is scored for bits/dim); without one,
+    ``data.name`` names the reference dataset and bits/dim is skipped.
+
     Returns:
-        The checkpoint's summary.
+        The checkpoint's summary (None: ``samples=`` without a checkpoint).
     """
     _check_keys(cfg, "eval")
-    summary = _checkpoint(cfg)
-    check_autoencoder(summary, cfg.get("autoencoder_path"))
-    if not cfg.bpd.enabled and not cfg.fid.enabled:
+    expand_user_paths(cfg)
+    check_writable("out_dir", cfg.out_dir, folder=True)
+    world = world or World()
+    from_file = check_samples(cfg)
+    if from_file is not None and not cfg.get("ckpt_path"):
+        summary = None
+        if not cfg.data.get("name"):
+            raise ValueError(f"samples={cfg.samples} without ckpt_path: name the reference "
+                             f"dataset with data.name=... (or give ckpt_path=)")
+    else:
+        summary = _checkpoint(cfg)
+        check_autoencoder(summary, cfg.get("autoencoder_path"))
+    bpd = bool(cfg.bpd.enabled) and summary is not None
+    if not bpd and not cfg.fid.enabled:
         raise ValueError("bpd.enabled and fid.enabled are both false: nothing to evaluate")
     check_device(cfg.get("device"))
     check_dtype(cfg.get("dtype"))
-    if cfg.bpd.enabled:
+    if bpd:
         _at_least(cfg, "data.batch_size", 1)
         if cfg.data.get("max_images") is not None:
             _at_least(cfg, "data.max_images", 1)
     if cfg.fid.enabled:
         # A covariance needs at least two samples on each side.
-        _at_least(cfg, "fid.num_samples", 2)
+        n = from_file[0] if from_file else _at_least(cfg, "fid.num_samples", 2)
+        check_ranks(world, n, "samples" if from_file else "fid.num_samples")
         _at_least(cfg, "fid.reference_size", 2)
         _at_least(cfg, "fid.batch_size", 1)
         _at_least(cfg, "fid.feature_batch_size", 1)
-        normalise_schedule(cfg.sampler)
-        check_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), summary.config,
-                      guidance_must_work=True)
-    resolve_data(cfg, summary)
+        if from_file is None:
+            normalise_schedule(cfg.sampler)
+            check_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), summary.config,
+                          guidance_must_work=True)
+    if summary is not None:
+        resolve_data(cfg, summary)
     if cfg.fid.enabled:
-        channels, side, _ = image_shape(summary)
-        check_fid_reference(fid_stats_path(cfg, image_shape(summary)), side, channels,
-                            key="fid.stats_path", custom_extractor=bool(cfg.fid.get("extractor")))
+        shape = eval_image_shape(summary, from_file)
+        path = fid_stats_path(cfg, shape)
+        check_adm_reference(path, shape[1], shape[0])
+        check_fid_reference(path, shape[1], shape[0], key="fid.stats_path",
+                            custom_extractor=bool(cfg.fid.get("extractor")))
     return summary
+
+
+def eval_image_shape(summary: CheckpointSummary | None,
+                     from_file: tuple[int, tuple[int, int, int]] | None) -> tuple[int, int, int]:
+    """(C, H, W) of the images scored: the samples file's, else the checkpoint's (a samples
+    file of another resolution than the checkpoint's is refused)."""
+    if from_file is None:
+        return image_shape(summary)
+    shape = from_file[1]
+    if summary is not None and image_shape(summary)[1] != shape[1]:
+        raise ValueError(f"samples holds {shape[1]}x{shape[2]} images but {summary.path} draws "
+                         f"{image_shape(summary)[1]}px ones: give that checkpoint's samples")
+    return shape
 
 
 def image_shape(summary: CheckpointSummary) -> tuple[int, int, int]:
@@ -201,7 +239,11 @@ def _checkpoint(cfg: DictConfig) -> CheckpointSummary:
         # The wording the loader used before these checks, which scripts may look for.
         raise FileNotFoundError(f"checkpoint not found: {cfg.ckpt_path}")
     path = checkpoint_file("ckpt_path", cfg.ckpt_path, "give an official .pth, .pt or .ckpt")
-    return describe_checkpoint(path)
+    summary = describe_checkpoint(path)
+    # The loader's own check and message, on shapes only, before any record or work.
+    if problems := weights_mismatch(summary.config, summary.state):
+        raise mismatch_error(path.name, summary.config, problems)
+    return summary
 
 
 def _at_least(cfg: DictConfig, key: str, low: int) -> int:

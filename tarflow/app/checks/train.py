@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app.checks.common import checkpoint_file
+from tarflow.app.checks.paths import expand_user_paths
 from tarflow.app.runs import holds_run, is_secondary_process
 from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
@@ -32,8 +33,8 @@ from tarflow.model import (
 from tarflow.model.autoencoder import AutoencoderRecord, resolve_autoencoder
 from tarflow.model.checkpoint import read_file, split_checkpoint
 from tarflow.model.sharded import is_sharded_checkpoint
-from tarflow.model.speed_losses import parse_speed_terms
 from tarflow.sampling.settings import parse_sampler
+from tarflow.sampling.speed_losses import parse_speed_terms
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -51,6 +52,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     Returns:
         The model's :class:`TarFlowConfig`.
     """
+    expand_user_paths(cfg)  # ckpt_path=~/...: Lightning's resume does not expand it
     _check_no_missing_values(cfg)
     model = _model_config(cfg)
     autoencoder = _check_latent(cfg, model)
@@ -75,7 +77,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
                          "exclude each other; give one")
     fsdp = _check_strategy(cfg)
     if ckpt is not None:
-        _check_resume(ckpt, model, fsdp, autoencoder)
+        _check_resume(ckpt, model, fsdp, autoencoder, cfg.get("trainer"))
     if init is not None:
         _check_init_from(init, model)
     if not is_secondary_process():  # other ranks start after the first one wrote its files
@@ -275,7 +277,8 @@ def check_fid_reference(path: str | None, img_size: int, channels: int, *, key: 
 
 # ----------------------------------------------------------------------------- checkpoints
 def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool,
-                  autoencoder: AutoencoderRecord | None = None) -> None:
+                  autoencoder: AutoencoderRecord | None = None,
+                  trainer: DictConfig | None = None) -> None:
     """``ckpt_path`` must be a Lightning checkpoint of this very architecture (and, for a
     latent model, of the same autoencoder); a sharded one resumes under FSDP only (no other
     strategy reads a directory)."""
@@ -305,6 +308,23 @@ def _check_resume(ckpt: Any, model: TarFlowConfig, fsdp: bool,
             f"with the checkpoint's settings, or start a new run from its weights with "
             f"init_from={path}"
         )
+    _check_not_finished(path, summary, trainer or {})
+
+
+def _check_not_finished(path: Path, summary: CheckpointSummary, trainer: Any) -> None:
+    """A resume that would train nothing (the checkpoint already reached the run's end) is
+    refused, rather than exiting 0 with empty metrics over the run's records."""
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps")
+    if max_steps is not None and int(max_steps) >= 0 and summary.global_step is not None:
+        if summary.global_step >= int(max_steps):
+            raise ValueError(
+                f"ckpt_path {path} is already trained to max_steps={summary.global_step} "
+                f"(trainer.max_steps={max_steps}); raise trainer.max_steps to continue")
+    if max_epochs is not None and int(max_epochs) >= 0 and summary.epochs_done is not None:
+        if summary.epochs_done >= int(max_epochs):
+            raise ValueError(
+                f"ckpt_path {path} is already trained to max_epochs={summary.epochs_done} "
+                f"(trainer.max_epochs={max_epochs}); raise trainer.max_epochs to continue")
 
 
 def _config_differences(summary: CheckpointSummary, model: TarFlowConfig) -> list[str]:
