@@ -10,6 +10,7 @@ was ignored. Each problem raises one ``ValueError`` naming the key; the CLIs pri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +22,34 @@ from tarflow.app.checks.paths import check_writable, expand_user_paths
 from tarflow.app.checks.train import check_fid_reference, check_sampler, normalise_schedule
 from tarflow.app.distributed import World
 from tarflow.app.sample_outputs import check_out_dir
+from tarflow.app.sample_shards import file_fingerprint, set_identity
 from tarflow.conf import CONFIG_DIR
 from tarflow.model import CheckpointSummary, describe_checkpoint, weights_mismatch
 from tarflow.model.autoencoder import locate, resolve_autoencoder
 from tarflow.model.checkpoint import mismatch_error
+from tarflow.model.loading import pick_device
 from tarflow.model.space import make_space
 
 FORMATS = ("png", "npz", "both")
 
 
-def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
+@dataclass
+class SampleCheck:
+    """What :func:`check_sample_config` found: the checkpoint, and on rank 0 the set's identity
+    and the recorded job that ``if_exists=resume`` continues (None: a fresh job)."""
+
+    summary: CheckpointSummary
+    identity: dict[str, Any] | None = None
+    resumed: dict[str, Any] | None = None
+
+
+def check_sample_config(cfg: DictConfig, world: World | None = None) -> SampleCheck:
     """Refuse a ``tarflow-sample`` config that cannot work (see the module doc).
 
-    Also normalises ``sampler.schedule`` (a list from an unquoted ``[...]``) in place.
-
-    Returns:
-        The checkpoint's summary.
+    Also normalises ``sampler.schedule`` (a list from an unquoted ``[...]``) in place. Only rank
+    0 of a launch (``world``) checks the output folder (the others would see rank 0's files).
     """
+    world = world or World()
     _check_keys(cfg, "sample")
     expand_user_paths(cfg)
     check_writable("out_dir", cfg.out_dir, folder=True)
@@ -45,14 +57,17 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
     check_autoencoder(summary, cfg.get("autoencoder_path"))
     model = summary.config
     n = _at_least(cfg, "num_samples", 1)
+    if world.size > n:
+        raise ValueError(f"num_samples={n} is fewer than the {world.size} ranks of this launch: "
+                         f"each rank needs at least one sample; start fewer processes")
     _at_least(cfg, "batch_size", 1)
-    first = _at_least(cfg, "first_index", 0)
+    _at_least(cfg, "shard_size", 1)
     check_device(cfg.get("device"))
     check_dtype(cfg.get("dtype"))
     fmt = str(cfg.get("format", "png"))
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} must be one of {FORMATS}")
-    _at_least(cfg, "grid_size", 0)
+    grid_size = _at_least(cfg, "grid_size", 0)
     normalise_schedule(cfg.sampler)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     check_sampler(sampler, model, guidance_must_work=True)
@@ -64,10 +79,16 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
         if not 0 <= int(label) < model.num_classes:
             raise ValueError(f"label={label} is outside the model's classes 0..."
                              f"{model.num_classes - 1}")
-    check_out_dir(Path(cfg.out_dir), if_exists=str(cfg.get("if_exists", "refuse")),
-                  first=first, count=n, job=sample_job(cfg, summary.path))
     probe_from_record(cfg, summary)
-    return summary
+    if not world.is_main:
+        return SampleCheck(summary)
+    identity = set_identity(
+        checkpoint=file_fingerprint(summary.path), sampler=sampler, seed=int(cfg.seed),
+        num_samples=n, label=None if label is None else int(label),
+        dtype=str(cfg.get("dtype", "float32")), device_type=pick_device(cfg.get("device")).type)
+    resumed = check_out_dir(Path(cfg.out_dir), if_exists=str(cfg.get("if_exists", "refuse")),
+                            identity=identity, fmt=fmt, grid_size=grid_size)
+    return SampleCheck(summary, identity, resumed)
 
 
 def probe_from_record(cfg: DictConfig, summary: CheckpointSummary) -> None:
@@ -86,14 +107,6 @@ def probe_from_record(cfg: DictConfig, summary: CheckpointSummary) -> None:
         probe.root = root if probe.get("root") is None else probe.root
         if not probe.get("dataset_kwargs"):
             probe.dataset_kwargs = dict(recorded.get("dataset_kwargs") or {})
-
-
-def sample_job(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
-    """What defines a sample set (written to the summary; ``if_exists=append`` compares it)."""
-    return {"checkpoint": str(checkpoint.resolve()),
-            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": int(cfg.seed),
-            "label": cfg.get("label"), "dtype": str(cfg.get("dtype", "float32")),
-            "format": str(cfg.get("format", "png"))}
 
 
 def check_eval_config(cfg: DictConfig, world: World | None = None) -> CheckpointSummary | None:
