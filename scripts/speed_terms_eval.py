@@ -1,5 +1,5 @@
-"""Measure what the speed loss terms (tarflow/model/speed_losses.py) buy: several checkpoints side
-by side in one process (docs/benchmarks.md, "Training for fast sampling").
+"""Measure what the speed loss terms (tarflow/sampling/speed_losses.py) buy: several checkpoints
+side by side in one process (docs/benchmarks.md, "Training for fast sampling").
 
     # Jacobi iterations per block at a tolerance (no timing; any load)
     python scripts/speed_terms_eval.py iters base=demo.ckpt chain=outputs/x/last.ckpt --json it.json
@@ -31,8 +31,8 @@ import yaml
 
 from tarflow.cli import bench
 from tarflow.model import TarFlow
-from tarflow.model.speed_losses import parse_speed_terms
 from tarflow.sampling import SamplingSchedule, sample
+from tarflow.sampling.speed_losses import parse_speed_terms
 
 
 def _named(specs: list[str]) -> dict[str, str]:

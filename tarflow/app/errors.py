@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NoReturn, TypeVar
 
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import HydraException, InstantiationException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -100,7 +100,18 @@ def describe(err: BaseException) -> str:
         # Hydra's message ends with "full_key: <node>": name the config node that failed.
         key = str(err).rsplit("full_key:", 1)
         where = f" (config: {key[1].strip()})" if len(key) == 2 else ""
-    return one_line(text) + where
+    return one_line(text) + where + _quoting_hint(cause)
+
+
+def _quoting_hint(err: BaseException) -> str:
+    """How to quote an override Hydra's grammar refused (``ckpt_path=~/m.ckpt``: ``~`` and
+    parentheses, a space next to brackets, are grammar unless quoted)."""
+    override = getattr(err, "override", None)
+    if not isinstance(err, OverrideParseException) or not override or "=" not in override:
+        return ""
+    key, value = override.split("=", 1)
+    return (f" (hint: quote the value for Hydra, inside the shell's quotes: "
+            f"'{key}=\"{value}\"')")
 
 
 def fail(message: str) -> NoReturn:
@@ -120,9 +131,11 @@ def _in_multirun() -> bool:
 def one_line_errors() -> Iterator[None]:
     """Turn a user error raised inside the block into ``error: ...`` and exit status 2; the
     run directory the command created is removed again when it is still empty."""
-    from tarflow.app.runs import remove_new_run_dir
+    from tarflow.app.runs import remove_new_run_dir, run_dir_error
 
     try:
+        if (unwritable := run_dir_error()) is not None:  # an existing read-only run dir
+            raise ValueError(unwritable)
         yield
     except USER_ERRORS as err:
         if _in_multirun():
@@ -146,6 +159,9 @@ def cli_main(hydra_main: Callable[[], T]) -> T:
     Returns:
         Whatever the task returned (Hydra sweepers read it).
     """
+    from tarflow.app.runs import run_dir_error
+
+    run_dir_error(forget=True)  # an earlier command's, in this process (tests, notebooks)
     debug = debug_requested()
     saved = {k: os.environ.get(k) for k in ("HYDRA_FULL_ERROR", _OURS)}
     if os.environ.get("HYDRA_FULL_ERROR") != "1":
@@ -156,7 +172,12 @@ def cli_main(hydra_main: Callable[[], T]) -> T:
         if debug:
             return hydra_main()
         with one_line_errors():
-            return hydra_main()
+            try:
+                return hydra_main()
+            except OSError:  # Hydra could not create hydra.run.dir: say why in one line
+                if (unwritable := run_dir_error()) is None:
+                    raise
+                raise ValueError(unwritable) from None
     finally:
         for key, value in saved.items():
             if value is None:

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tarflow.app.runs import records_dirs
 from tarflow.lit.wandb_utils import checkpoint_run_dir
 from tarflow.model.checkpoint import read_file
+from tarflow.sampling.knobs import KNOBS
 
 # Command-line keys that choose the sampler themselves.
 _CHOOSERS = ("sampler", "hparams_search")
@@ -64,8 +65,7 @@ def describe(sampler: dict[str, Any] | None) -> str:
     """``gs_jacobi_auto (schedule auto, guidance 1.0, denoise 1.0, ...)`` in one line."""
     if not sampler:
         return "none"
-    knobs = ("schedule", "tol", "guidance", "attn_temp", "denoise", "guidance_rule")
-    shown = ", ".join(f"{k} {sampler[k]}" for k in knobs if k in sampler)
+    shown = ", ".join(f"{k} {sampler[k]}" for k in ("schedule", "tol", *KNOBS) if k in sampler)
     return f"{sampler.get('name', 'sampler')} ({shown})"
 
 

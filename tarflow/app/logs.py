@@ -13,6 +13,7 @@ gets results, not bar frames.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -64,12 +65,51 @@ def job_log(*file_only: str) -> Iterator[None]:
         file_only: names of loggers whose records go to the log file only, not the console
             (e.g. the per-epoch summary, which would break a progress bar drawn on stdout).
 
-    Outside a Hydra job with a file handler (tests, notebooks) this does nothing.
+    Outside a Hydra job with a file handler (tests, notebooks) this only keeps secondary
+    processes quiet (:func:`first_process_speaks`).
     """
-    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
-    if not handlers:
+    with first_process_speaks():
+        handlers = [h for h in logging.getLogger().handlers
+                    if isinstance(h, logging.FileHandler)]
+        if not handlers:
+            yield
+            return
+        with _copied_to(handlers, file_only):
+            yield
+
+
+def _below_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+@contextmanager
+def first_process_speaks() -> Iterator[None]:
+    """In every process of a multi-process launch but the first (DDP ranks, torchrun, srun:
+    :func:`tarflow.app.runs.is_secondary_process`), printed lines are dropped and the log
+    handlers pass warnings and errors only, so start-up lines and results are said once, by
+    rank 0, not once per rank (into the same console and log file)."""
+    from tarflow.app.runs import is_secondary_process
+
+    if not is_secondary_process():
         yield
         return
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(_below_warning)
+    stdout = sys.stdout
+    with open(os.devnull, "w") as sink:
+        sys.stdout = sink
+        try:
+            yield
+        finally:
+            sys.stdout = stdout
+            for handler in handlers:
+                handler.removeFilter(_below_warning)
+
+
+@contextmanager
+def _copied_to(handlers: list[logging.Handler], file_only: tuple[str, ...]) -> Iterator[None]:
+    """:func:`job_log`'s work, once its file handlers are known."""
     saved = {}
     for name in (PRINTED, WARNED, *file_only):
         logger = logging.getLogger(name)

@@ -128,6 +128,17 @@ def holds_run(run_dir: str | os.PathLike) -> list[str]:
 # The run directory and its parents that did not exist when this command started (deepest
 # first): Hydra creates them before the task runs, so a refused command removes them again.
 _NEW_DIRS: list[Path] = []
+# Why this command's hydra.run.dir cannot be written (empty: it can), noted by NewRunDir.
+_RUN_DIR_ERROR: list[str] = []
+
+
+def run_dir_error(*, forget: bool = False) -> str | None:
+    """Why ``hydra.run.dir`` cannot be written, when :class:`NewRunDir` found it so
+    (``forget``: and forget it: a new command starts)."""
+    found = _RUN_DIR_ERROR[0] if _RUN_DIR_ERROR else None
+    if forget:
+        _RUN_DIR_ERROR.clear()
+    return found
 
 
 def missing_dirs(path: str | os.PathLike) -> list[Path]:
@@ -144,13 +155,27 @@ class NewRunDir(Callback):
     ``hydra.run.dir`` this command will create, before Hydra creates them."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from tarflow.app.checks.paths import check_writable
+
+        _NEW_DIRS.clear()
+        _RUN_DIR_ERROR.clear()
         try:
-            _NEW_DIRS[:] = missing_dirs(str(config.hydra.run.dir))
+            run_dir = str(config.hydra.run.dir)
         except Exception:  # an unresolvable run dir: Hydra reports it itself
-            _NEW_DIRS.clear()
+            return
+        try:
+            # A run dir that is a file, lies under one or in a read-only folder: Hydra would
+            # end in a traceback creating it (ours would writing the records). Hydra only warns
+            # about a callback's error, so it is noted for tarflow.app.errors to report.
+            check_writable("hydra.run.dir", run_dir, folder=True)
+        except ValueError as err:
+            _RUN_DIR_ERROR.append(str(err))
+            return
+        _NEW_DIRS[:] = missing_dirs(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         _NEW_DIRS.clear()  # a sweep's failing job is reported by Hydra; its folder stays
+        _RUN_DIR_ERROR.clear()
 
 
 def remove_new_run_dir() -> list[Path]:

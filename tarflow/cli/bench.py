@@ -16,11 +16,12 @@ from functools import partial
 
 import torch
 
-from tarflow.app.checks.common import refuse_low_counts
+from tarflow.app.checks.common import refuse_fid_inputs, refuse_low_counts, refuse_unwritable
 from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
 from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
+from tarflow.files import atomic_write
 from tarflow.model.guidance import RULES
 from tarflow.sampling import (
     PlanCache,
@@ -29,6 +30,7 @@ from tarflow.sampling import (
     rank_blocks,
     schedule_from_ranking,
 )
+from tarflow.sampling.knobs import GUIDANCE_KNOBS, KNOBS
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.schedule import INITS
@@ -158,8 +160,7 @@ def fid_per_method(args, model, methods: dict[str, Method], space) -> dict[str, 
                                       device=args.device)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
-                 guidance_rule=args.guidance_rule, denoise=args.denoise)
+    knobs = {k: getattr(args, k) for k in KNOBS}
     out = {}
     for name, method in {"sequential": Method(SamplingSchedule.sequential()), **methods}.items():
         out[name], _ = fid_at_n(model, None, reference, extractor, num_samples=args.fid,
@@ -197,10 +198,12 @@ def refuse_retired_methods(methods: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     refuse_low_counts(args, MINIMUM)
+    refuse_unwritable(args, files={"json": "--json"})
     refuse_retired_methods(args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, space = load_model(args)
+    refuse_fid_inputs(args.fid, args.fid_stats, args.inception_weights, space.image_shape[1])
     methods, (note, ranking) = resolve_methods(args, model, space)
     cfg = model.config
     if space.latent:
@@ -221,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: FID of planned methods uses their schedule for batch {args.batch[0]}")
     for B in args.batch:
         noise, y = fixed_inputs(model, range(B), args.seed)  # the set's first B members
-        knobs = dict(guidance=args.guidance, attn_temp=args.attn_temp, annealed=args.annealed,
-                     guidance_rule=args.guidance_rule)
+        knobs = {k: getattr(args, k) for k in GUIDANCE_KNOBS}
         decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)
         methods_b = {**methods, **decided}
         if B == args.batch[0]:
@@ -250,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{d['seconds'] * 1e3:.1f} ms ({d['seconds_per_image'] * 1e3:.2f} ms/image, "
               f"{d['vs_sequential']:.2f}x the sequential sampler's time)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": [r.to_dict() for r in all_rows],
-                       **({"decode": decode} if decode else {})}, f, indent=2)
+        record = {"args": vars(args), "rows": [r.to_dict() for r in all_rows],
+                  **({"decode": decode} if decode else {})}
+        atomic_write(args.json, json.dumps(record, indent=2))
     return 0
 
 

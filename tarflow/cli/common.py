@@ -7,12 +7,22 @@ import argparse
 import torch
 
 from tarflow.app.errors import fail
-from tarflow.data import DATASETS, DataError
+from tarflow.data import ALIASES, DATASETS, DataError, dataset_name
 from tarflow.model import PRESETS, CheckpointError, TarFlow, preset
 from tarflow.model.autoencoder import AutoencoderError
 from tarflow.model.loading import DTYPES, load_for_sampling
 from tarflow.model.space import PixelSpace
 from tarflow.sampling.choose import probe_batch
+
+
+class ExamplesFormatter(argparse.HelpFormatter):
+    """argparse's help, except that an epilog starting with ``example`` keeps its lines (the
+    description is still wrapped, unlike with ``RawDescriptionHelpFormatter``)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +43,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", choices=sorted(DATASETS), help="dataset for the CRM/IGM "
-                        "probe batch (default: the model's own samples)")
+    parser.add_argument("--data", choices=sorted(DATASETS), type=dataset_name,
+                        help="dataset for the CRM/IGM probe batch (default: the model's own "
+                        f"samples); also {aliases()}")
     parser.add_argument("--root", help="dataset root for imagenet/afhq")
     parser.add_argument("--probe", type=int, default=256, help="images in the probe batch "
                         "(the paper uses ~1000)")
+
+
+def aliases() -> str:
+    """``afhq256 (= afhq)``: the data config names the dataset arguments accept too."""
+    return ", ".join(f"{alias} (= {name})" for alias, name in sorted(ALIASES.items()))
 
 
 def load_model(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
@@ -72,5 +88,7 @@ def probe_images(args: argparse.Namespace, model: TarFlow,
     try:
         images, where = probe_batch(model, probe, space)
     except (DataError, ValueError, FileNotFoundError) as err:
-        fail(str(err))
+        # The readers name the Hydra key; here it is a flag.
+        fail(str(err).replace("`data.root` config key (the `root` argument of build_dataset)",
+                              "--root option").replace("data.root", "--root"))
     return images, where.replace("probe.dataset is null", "no --data given")

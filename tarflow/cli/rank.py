@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from tarflow.app.checks.common import refuse_unwritable
 from tarflow.cli.common import add_data_args, add_model_args, load_model, probe_images
+from tarflow.files import atomic_write
 from tarflow.sampling import format_schedule, rank_blocks, ranking_table, schedule_from_ranking
 from tarflow.sampling.ranking import NORMS, ranking_records
 
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refuse_unwritable(args, files={"json": "--json"})
     model, space = load_model(args)
     images, where = probe_images(args, model, space)
     ranking = rank_blocks(model, images, norm=args.norm)
@@ -42,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         blocks = text.split("}")[0].replace(" ", "") + "}"
         print(f"  as a fixed schedule: sampler.schedule='{blocks}' sampler.tol={args.tol}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ranking": ranking_records(ranking), "schedule": schedule.to_dict()}, f,
-                      indent=2)
+        atomic_write(args.json, json.dumps({"ranking": ranking_records(ranking),
+                                            "schedule": schedule.to_dict()}, indent=2))
     return 0
 
 

@@ -14,7 +14,7 @@ from tarflow.data.folder import AFHQ_CLASSES, IMG_EXTENSIONS, ImageFolderDataset
 from tarflow.data.imagenet_npz import ImageNetNpzDataset, export_to_folder, write_imagenet_npz
 from tarflow.data.prepare import prepare_dataset
 from tarflow.data.prepared import PreparedDataset, looks_prepared
-from tarflow.data.registry import DATASETS, PREPARABLE, build_dataset
+from tarflow.data.registry import ALIASES, DATASETS, PREPARABLE, build_dataset, dataset_name
 from tarflow.data.transforms import (
     drop_labels,
     gaussian_noise,
@@ -25,6 +25,7 @@ from tarflow.data.transforms import (
 
 __all__ = [
     "AFHQ_CLASSES",
+    "ALIASES",
     "DATASETS",
     "IMG_EXTENSIONS",
     "PREPARABLE",
@@ -37,6 +38,7 @@ __all__ = [
     "PreparedDataset",
     "afhq_dataset",
     "build_dataset",
+    "dataset_name",
     "drop_labels",
     "export_to_folder",
     "gaussian_noise",

@@ -313,4 +313,7 @@ def prepare_dataset(
         _check_space(out, plan_, progress_state)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        return _run(out, plan, sources, progress, on_plan, workers)
+        result = _run(out, plan, sources, progress, on_plan, workers)
+        # A finished set keeps no lock file (a later run finds the manifest and writes nothing).
+        (out / LOCK).unlink(missing_ok=True)
+        return result

@@ -22,6 +22,14 @@ from tarflow.data.prepared import looks_prepared, open_prepared
 # Dataset names that read files, with the training size their data config uses: the ones
 # ``tarflow-prepare`` can write a prepared directory for.
 PREPARABLE = {"imagenet64": 64, "imagenet128": 128, "imagenet256": 256, "afhq": 256}
+# Data config names (``data=afhq256``) that differ from their dataset's name: accepted too.
+ALIASES = {"afhq256": "afhq"}
+
+
+def dataset_name(name: str) -> str:
+    """The registry name of ``name`` (an alias such as ``afhq256`` is ``afhq``); argparse's
+    ``type=`` of the commands' dataset arguments."""
+    return ALIASES.get(name, name)
 
 
 def _need_root(name: str, root: str | os.PathLike | None) -> Path:
@@ -152,6 +160,7 @@ def build_dataset(
     Returns:
         A map-style dataset of ``(x (C, S, S) float32 in [-1, 1], y int64 scalar)``.
     """
+    name = dataset_name(name)
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
     if root is not None and name in PREPARABLE and looks_prepared(root):

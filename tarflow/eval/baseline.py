@@ -18,7 +18,7 @@ from tarflow.model import TarFlow
 from tarflow.model.attention import KVCache
 from tarflow.model.guidance import Guidance
 from tarflow.model.permutation import permute
-from tarflow.sampling.ranking import initial_guess
+from tarflow.sampling.fixed_point import initial_guess
 
 
 class ConcatKVCache(KVCache):

@@ -17,6 +17,7 @@ import torch
 
 from tarflow.model import TarFlow
 from tarflow.sampling import SamplingSchedule, sample
+from tarflow.sampling.knobs import GUIDANCE_KNOBS
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,7 @@ class Method:
         if self.plain_iters is not None:
             from tarflow.eval.baseline import sample_jacobi_plain
 
-            g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed", "guidance_rule")
-                 if k in knobs}
+            g = {k: knobs[k] for k in GUIDANCE_KNOBS if k in knobs}
             init = self.schedule.default.init
             return sample_jacobi_plain(model, noise, y, iters=self.plain_iters, init=init,
                                        **g), None
@@ -192,8 +192,7 @@ def benchmark(
     if concat_baseline:
         from tarflow.eval.baseline import sample_sequential_concat
 
-        g = {k: knobs[k] for k in ("guidance", "attn_temp", "annealed", "guidance_rule")
-             if k in knobs}
+        g = {k: knobs[k] for k in GUIDANCE_KNOBS if k in knobs}
         calls["sequential_cat"] = lambda: sample_sequential_concat(model, noise, y, **g)
     if progress:
         progress(f"batch {B}: timing {', '.join(calls)} in {repeats} interleaved rounds")

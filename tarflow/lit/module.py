@@ -45,7 +45,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from tarflow.data import drop_labels, gaussian_noise, uniform_dequantize
 from tarflow.model import TarFlow, TarFlowConfig
 from tarflow.model.space import make_space
-from tarflow.model.speed_losses import parse_speed_terms
+from tarflow.sampling.speed_losses import parse_speed_terms
 
 OPTIM_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,
@@ -167,7 +167,7 @@ class TarFlowLitModule(L.LightningModule):
         autoencoder: a latent model's ``model.autoencoder`` spec or record (may instead come
             as ``model["autoencoder"]``); None = a pixel model.
         speed_terms: named loss terms for sampling speed, ``{name: {kind, weight, blocks,
-            every, prob, k, ...}}`` (``tarflow.model.speed_losses``); each adds
+            every, prob, k, ...}}`` (``tarflow.sampling.speed_losses``); each adds
             ``weight * term`` to the loss on the steps it runs and logs ``train/<name>``
             (unweighted) and ``train/<name>/<block>``. ``train/loss`` stays the NLL.
     """

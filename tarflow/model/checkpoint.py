@@ -43,7 +43,7 @@ def read_file(path: str | Path, map_location: str | torch.device = "cpu", *,
         mmap: map the file instead of reading it (zip-format files only; others are read):
             start-up checks look at a few shapes of a checkpoint that may be gigabytes.
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # every loader reads through here: "~/x.pth" works in all
     if path.is_dir():  # a sharded training checkpoint (trainer=fsdp) is a directory
         try:
             return read_sharded(path, map_location)
@@ -140,12 +140,18 @@ def infer_config(sd: dict[str, torch.Tensor], *, name: str | None = None,
         found["deep_channels"] = deep
     if embeds and set(embeds) == {T - 1} and len(present) > 1:
         found["cond_deep_only"] = True
-    if hidden is not None:
-        found["expansion"] = hidden.shape[0] // Ch
     match = _OFFICIAL_NAME.search(name or "")
     if match:
-        found["patch_size"] = int(match.group(1))
-        found["noise_std"] = float(match.group(5))
+        # The official name states P, Ch, T and K: taken from it, one wrong tensor is reported
+        # as that one, not as every tensor of an architecture inferred from it.
+        found.update(patch_size=int(match.group(1)), channels=int(match.group(2)),
+                     num_blocks=int(match.group(3)), layers_per_block=int(match.group(4)),
+                     noise_std=float(match.group(5)))
+        if found["num_blocks"] != T or found["channels"] != Ch:
+            found.pop("deep_channels", None)
+            found.pop("cond_deep_only", None)
+    if hidden is not None:
+        found["expansion"] = max(1, hidden.shape[0] // found["channels"])
     side = math.isqrt(N)
     if side * side != N:
         raise CheckpointError(f"pos_embed has N={N} positions, which is not a square grid")
@@ -207,11 +213,16 @@ def load_model(cls: type[TarFlow], source: str | Path | dict, *,
     model = cls(config)
     problems = compare_state_dicts(model.state_dict(), sd)
     if problems:
-        raise CheckpointError(f"{where} does not match a TarFlow {config.tag} "
-                              f"(img {config.img_size}, classes {config.num_classes}): "
-                              + " | ".join(problems))
+        raise mismatch_error(where, config, problems)
     model.load_state_dict(sd, strict=True)
     return model.to(map_location)
+
+
+def mismatch_error(where: str, config: TarFlowConfig, problems: list[str]) -> CheckpointError:
+    """The one message for a file whose tensors do not fit the architecture it implies."""
+    return CheckpointError(f"{where} does not match a TarFlow {config.tag} (img "
+                           f"{config.img_size}, classes {config.num_classes}): "
+                           + " | ".join(problems))
 
 
 @dataclass(frozen=True)

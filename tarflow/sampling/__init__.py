@@ -37,6 +37,7 @@ from tarflow.sampling.schedule import (
     format_schedule,
     parse_schedule,
 )
+from tarflow.sampling.solve import solve_block
 
 __all__ = [
     "SEQUENTIAL",
@@ -70,4 +71,5 @@ __all__ = [
     "sample_sequential",
     "schedule_from_ranking",
     "self_denoise",
+    "solve_block",
 ]

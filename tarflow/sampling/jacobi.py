@@ -15,9 +15,11 @@ the working batch (its rows of the KV cache too), so converged samples cost noth
 Overflow guard: a sample whose iterate goes non-finite is dropped from the block and re-solved with
 the exact sequential loop, with a warning; no NaN leaves this module silently.
 
-Steps, in :func:`gs_jacobi_block`'s order: ``_initial_guess``, then per segment ``_solve_segment``
-(``_segment_rows``; per iteration ``_jacobi_sweep``, ``convergence_test`` and ``_retire``, which
-writes converged samples back and compacts the KV cache), then ``_resolve_sequentially``.
+Steps, in :func:`gs_jacobi_block`'s order: ``initial_guess`` (:mod:`.fixed_point`), then per
+segment ``_solve_segment`` (``_segment_rows``; per iteration ``_jacobi_sweep``,
+``convergence_test`` and ``_retire``, which writes converged samples back and compacts the KV
+cache), then ``_resolve_sequentially``. The samplers (``sample`` and the
+planner's timing) reach this solver through :func:`tarflow.sampling.solve.solve_block`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tarflow.model.flow import FlowBlock
 from tarflow.model.guidance import Guidance
 from tarflow.model.permutation import permute
 from tarflow.sampling.convergence import convergence_test, done_mask, non_finite_rows
+from tarflow.sampling.fixed_point import initial_guess
 from tarflow.sampling.schedule import BlockSchedule
 
 TraceFn = Callable[[dict], None]
@@ -112,15 +115,6 @@ def _gathered(b: _Block, ids: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
     nrows = _net_rows(ids, b.zp.shape[0], b.guidance.active)
     cond = b.cond if not isinstance(b.cond, torch.Tensor) or b.cond.dim() == 0 else b.cond[nrows]
     return _Rows(ids, x, z, cache, cond, None if b.qs is None else b.qs[nrows], in_place=False)
-
-
-def _initial_guess(zp: torch.Tensor, init: str) -> torch.Tensor:
-    """X^(0): the block's input itself, or [z_0, 0, ..., 0] (``init="zeros"``)."""
-    if init == "z":
-        return zp.clone()
-    xp = torch.zeros_like(zp)
-    xp[:, 0] = zp[:, 0]
-    return xp
 
 
 def _segment_rows(b: _Block, p: int, e: int) -> _Rows | None:
@@ -246,8 +240,8 @@ def _solve_segment(b: _Block, seg: int, p: int, e: int, cap: int) -> int | None:
 @torch.no_grad()
 def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                     schedule: BlockSchedule, *, guidance: Guidance = Guidance(),
-                    callback: TraceFn | None = None,
-                    net: FlowBlock | None = None) -> tuple[torch.Tensor, BlockStats]:
+                    callback: TraceFn | None = None, net: FlowBlock | None = None,
+                    guess: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Invert one block by GS-Jacobi.
 
     Convergence is tested every ``schedule.check_every`` iterations and on each segment's last
@@ -266,6 +260,8 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             It may raise to abandon the block (the planner stops over-budget candidates so).
         net: a copy of ``block`` in a lower precision (``precision.network_copy``) that runs
             the iterations' network passes; iterates, update and stopping test keep z's dtype.
+        guess: (B, N, D) a caller's initial guess in raster order, used instead of
+            ``schedule.init`` (see :func:`tarflow.sampling.fixed_point.initial_guess`).
 
     Returns:
         x (B, N, D) raster order, and the block's stats.
@@ -285,7 +281,9 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                                      or (schedule.tol == 0 and cap_all < (N - 1) // 2))
     zp = permute(z, block.flipped)  # (B, N, D) in the block's token order
     b = _Block(
-        block, net, net_dtype, guidance, zp, _initial_guess(zp, schedule.init),
+        block, net, net_dtype, guidance, zp,
+        initial_guess(zp, schedule.init,
+                      supplied=None if guess is None else permute(guess, block.flipped)),
         cache=None if cacheless else net.new_cache(B * (2 if guidance.active else 1),
                                                    dtype=net_dtype, device=z.device),
         cond=net.class_bias(guidance.labels(y, B, z.device)),  # (B', 1, Ch) or scalar

@@ -35,6 +35,7 @@ import torch
 
 from tarflow.files import atomic_write
 from tarflow.model import Guidance, TarFlow
+from tarflow.sampling.knobs import knobs_of
 from tarflow.sampling.schedule import (
     NET_DTYPES,
     SamplingSchedule,
@@ -305,7 +306,7 @@ def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
             "dtype": str(param.dtype).removeprefix("torch."),
             "net_dtypes": sorted(net_dtypes), "precision_gate": bool(precision_gate),
             "tol": float(tol), "version": PLAN_VERSION,
-            "guidance": [guidance.scale, guidance.attn_temp, guidance.annealed],
+            "guidance": knobs_of(guidance),
             "torch": torch.__version__}
 
 

@@ -224,11 +224,10 @@ class _Planner:
         entry = self.table[b].setdefault(label, Candidate(label))
         budget = (None if self.timer is not None or math.isinf(self.best)
                   else self.opt.margin * self.best)
-        net = self.nets.get(cand.net_dtype)
-        if net is not None:
+        if cand.net_dtype in self.nets:
             self.timed_low.add(cand.net_dtype)
-        seconds, out, iters = time_candidate(block, x, y, cand, self.guidance,
-                                             None if net is None else net.blocks[b], budget)
+        seconds, out, iters = time_candidate(block, x, y, cand, self.guidance, self.nets,
+                                             budget)
         if self.timer is not None:
             seconds = self.timer(b, cand, seconds)
         entry.seconds.append(seconds)

@@ -19,7 +19,8 @@ import torch
 from tarflow.model import TarFlow
 from tarflow.model.flow import FlowBlock
 from tarflow.model.permutation import permute
-from tarflow.sampling.schedule import INITS, SEQUENTIAL, BlockSchedule, SamplingSchedule
+from tarflow.sampling.fixed_point import INITS, fixed_point_map, initial_guess
+from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule
 
 NORMS = {"spectral": 2, "1": 1, "fro": "fro"}
 
@@ -31,15 +32,6 @@ def matrix_norm(m: torch.Tensor, norm: str = "spectral") -> float:
     if not bool(torch.isfinite(m).all()):
         return float("inf")  # an overflowing block: the metric's warning sign, not a NaN
     return float(torch.linalg.matrix_norm(m.double(), ord=NORMS[norm]))
-
-
-def initial_guess(zp: torch.Tensor, init: str) -> torch.Tensor:
-    """X^(0) in the permuted frame: the block input z, or [z_0, 0, ..., 0]."""
-    if init == "z":
-        return zp.clone()
-    guess = torch.zeros_like(zp)
-    guess[:, 0] = zp[:, 0]
-    return guess
 
 
 @dataclass
@@ -71,8 +63,7 @@ def block_metrics(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, *,
     crm = matrix_norm(mean_ax, norm) * matrix_norm(w[:D], norm) + matrix_norm(w[D:], norm)
     igm = {}
     for init in INITS:
-        a0, b0 = block.affine(initial_guess(zp, init), cond=cond)
-        x1 = zp * block.sigma(a0) + b0  # one Jacobi update (position 0 stays z_0)
+        x1 = fixed_point_map(block, initial_guess(zp, init), zp, cond=cond)  # one update
         igm[init] = matrix_norm((x1 - xp).mean(0), norm)
     return BlockRank(block.index, crm, 0.0, igm)
 

@@ -1,4 +1,5 @@
-"""Sampling TarFlow: run the blocks in reverse, each with its own schedule.
+"""Sampling TarFlow: run the blocks in reverse, each with its own schedule, each through the one
+per-block seam :func:`tarflow.sampling.solve.solve_block`.
 
 ``sample`` is the one entry point; ``sample_sequential``, ``sample_jacobi`` and
 ``sample_gs_jacobi`` are thin named forms of it that return images only.
@@ -7,6 +8,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -14,9 +16,11 @@ import torch
 from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.convergence import relative_residual
 from tarflow.sampling.denoise import self_denoise
-from tarflow.sampling.jacobi import BlockStats, TraceFn, gs_jacobi_block
-from tarflow.sampling.precision import dtype_name, network_copy
+from tarflow.sampling.jacobi import BlockStats, TraceFn
+from tarflow.sampling.knobs import knobs_of
+from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.schedule import SamplingSchedule
+from tarflow.sampling.solve import NetworkCopies, solve_block
 
 
 @dataclass
@@ -52,7 +56,8 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
            attn_temp: float = 1.0, annealed: bool = False, guidance_rule: str = "linear",
            denoise: float = 0.0, noise_std: float | None = None,
            check_every: int | None = None, callback: TraceFn | None = None,
-           net_dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, SampleStats]:
+           net_dtype: torch.dtype | str | None = None,
+           guesses: Mapping[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, SampleStats]:
     """Noise -> images.
 
     Args:
@@ -73,6 +78,10 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
             GS-Jacobi iterations in this dtype (e.g. "bfloat16"; a cached converted copy of the
             model) while iterates, updates and the stopping test stay in the noise dtype.
             Sequential blocks keep full precision. None keeps the schedule's.
+        guesses: per forward block id, a (B, N, D) initial guess of that block's solution in
+            raster order (e.g. a learned prediction pushed through the forward pass), used
+            instead of the schedule's ``init`` by Jacobi / GS-Jacobi blocks (sequential blocks
+            ignore it). Every block goes through :func:`tarflow.sampling.solve.solve_block`.
 
     Returns:
         images (B, C, H, W) and :class:`SampleStats`.
@@ -92,33 +101,20 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     if noise.shape[1:] != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must be (B, {cfg.num_patches}, {cfg.token_dim}) for "
                          f"{cfg.tag}, got {tuple(noise.shape)}")
+    guesses = dict(guesses or {})
+    unknown = sorted(set(guesses) - set(range(cfg.num_blocks)))
+    if unknown:
+        raise ValueError(f"guesses for unknown block(s) {unknown}; the model has blocks "
+                         f"0..{cfg.num_blocks - 1}")
     stats = SampleStats(schedule=schedule.describe())
-    twins: dict[str, TarFlow] = {}  # low-precision copies used by this call, looked up once
+    twins = NetworkCopies(model)  # low-precision copies used by this call, made once
     _sync(noise.device)
     t_all = time.perf_counter()
     x = noise
     for block in reversed(model.blocks):
         t0 = time.perf_counter()
-        settings = schedule.for_block(block.index)
-        if block.is_identity:  # a block of 0 layers: nothing to solve
-            st = BlockStats(block.index, 0, iters=[0],
-                            sample_iters=torch.zeros(x.shape[0], dtype=torch.long,
-                                                     device=x.device),
-                            residual=torch.zeros(x.shape[0], device=x.device))
-        elif settings.is_sequential(cfg.num_patches):
-            x = block.reverse(x, y, guidance=g)
-            n = cfg.num_patches - 1
-            st = BlockStats(block.index, cfg.num_patches, iters=[n],
-                            sample_iters=torch.full((x.shape[0],), n, device=x.device),
-                            residual=torch.zeros(x.shape[0], device=x.device))
-        else:
-            low = settings.net_dtype
-            if low == dtype_name(noise.dtype):
-                low = None
-            if low is not None and low not in twins:
-                twins[low] = network_copy(model, getattr(torch, low))
-            x, st = gs_jacobi_block(block, x, y, settings, guidance=g, callback=callback,
-                                    net=None if low is None else twins[low].blocks[block.index])
+        x, st = solve_block(block, x, y, schedule.for_block(block.index), guidance=g,
+                            nets=twins, guess=guesses.get(block.index), callback=callback)
         _sync(noise.device)
         st.seconds = time.perf_counter() - t0
         stats.blocks[block.index] = st
@@ -163,8 +159,7 @@ def precision_errors(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None
         (``schedule``'s samples against the same schedule with every network in full
         precision, that full-precision schedule's samples against the sequential loop's).
     """
-    knobs = dict(guidance=guidance.scale, attn_temp=guidance.attn_temp,
-                 annealed=guidance.annealed, guidance_rule=guidance.rule)
+    knobs = knobs_of(guidance)
     low = sample(model, noise, y, schedule, **knobs)[0]
     full = sample(model, noise, y, schedule.with_settings(net_dtype=None), **knobs)[0]
     exact = sample(model, noise, y, None, **knobs)[0]

@@ -25,7 +25,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field, replace
 
-INITS = ("z", "zeros")
+from tarflow.sampling.fixed_point import INITS
+
 # segments = SEQUENTIAL means one segment per token: the sequential loop.
 SEQUENTIAL = -1
 # Network dtypes a block may run its Jacobi passes in, by canonical name and short alias.

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tarflow.model import Guidance, TarFlow
+from tarflow.sampling.knobs import KNOBS, guidance_of, parse_knobs
 from tarflow.sampling.plan import Plan, PlanCache, plan_key, ranking_moved
 from tarflow.sampling.planner import PlannerOptions, Timer, plan_schedule
 from tarflow.sampling.precision import dtype_name
@@ -46,9 +47,8 @@ FULL_PRECISION = ("float32", "float64")
 # Keys of the `auto` sub-dict, i.e. keyword arguments of schedule_from_ranking besides tol.
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
 PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
-KNOB_KEYS = ("guidance", "attn_temp", "annealed", "guidance_rule", "denoise")
 KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "planner", "check_every",
-                        "net_dtype", *KNOB_KEYS))
+                        "net_dtype", *KNOBS))
 # Keys that existed once, with what replaced them (a clear error instead of "unknown key").
 RETIRED = {"tune_segments": "segment counts are now timed by the planner: use schedule: auto"}
 
@@ -62,8 +62,8 @@ class SamplerSettings:
         schedule: a ready :class:`SamplingSchedule` (``check_every`` and ``net_dtype`` already
             applied to its blocks), or ``"auto"`` / ``"auto:paper"`` when it must come from the
             planner / the paper's rule at run time (see :meth:`schedule_for`).
-        knobs: keyword arguments for :func:`tarflow.sampling.sample` (guidance, attn_temp,
-            annealed, guidance_rule, denoise).
+        knobs: keyword arguments for :func:`tarflow.sampling.sample`, every name of
+            ``tarflow.sampling.knobs.KNOBS``.
         tol: Jacobi stopping tolerance (also the planner's and the paper rule's).
         init: default initial guess.
         auto: keyword arguments for :func:`schedule_from_ranking` (besides ``tol``), used by
@@ -96,9 +96,7 @@ class SamplerSettings:
 
     @property
     def guidance(self) -> Guidance:
-        k = self.knobs
-        return Guidance(k.get("guidance", 0.0), k.get("attn_temp", 1.0), k.get("annealed", False),
-                        k.get("guidance_rule", "linear"))
+        return guidance_of(self.knobs)
 
     def resolve(self, ranking: list[BlockRank] | None, num_patches: int) -> SamplingSchedule:
         """The schedule of a fixed or ``auto:paper`` sampler (the planner needs
@@ -209,14 +207,8 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
     else:
         schedule = _with_options(build_schedule(spec, init=init, tol=tol), check_every,
                                  None if net_dtype == AUTO else net_dtype)
-    knobs = {
-        "guidance": float(cfg.get("guidance") or 0.0),
-        "attn_temp": float(cfg.get("attn_temp", 1.0) or 1.0),
-        "annealed": bool(cfg.get("annealed", False)),
-        "guidance_rule": str(cfg.get("guidance_rule") or "linear"),
-        "denoise": float(cfg.get("denoise") or 0.0),
-    }
-    Guidance(rule=knobs["guidance_rule"])  # an unknown rule fails now, naming the known ones
+    knobs = parse_knobs(cfg)
+    guidance_of(knobs)  # an unknown rule fails now, naming the known ones
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,
                            None if check_every is None else int(check_every))

@@ -13,21 +13,23 @@ import torch
 
 from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.convergence import convergence_test
-from tarflow.sampling.jacobi import gs_jacobi_block
 from tarflow.sampling.plan import Candidate
 from tarflow.sampling.sample import _sync
 from tarflow.sampling.schedule import BlockSchedule
+from tarflow.sampling.solve import solve_block
 
 
 class OverBudget(Exception):
     """Raised from a solver callback to abandon a candidate that is already too slow."""
 
 
-def time_candidate(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance, net,
-                   budget: float | None) -> tuple[float, torch.Tensor | None, int]:
+def time_candidate(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance,
+                   nets: dict[str, TarFlow], budget: float | None
+                   ) -> tuple[float, torch.Tensor | None, int]:
     """(seconds, block output or None if abandoned, critical-path passes) of one candidate.
 
-    ``net`` is the block's low-precision copy or None. An abandoned Jacobi run reports the time
+    Times exactly what sampling runs for the block: :func:`solve_block` (``nets``: the model's
+    low-precision copies by dtype name). An abandoned Jacobi run reports the time
     it was stopped at (a lower bound); an abandoned sequential loop reports that time scaled to
     all N - 1 steps (its steps cost nearly the same), which is what makes a plan's predicted
     speed-up over sequential an estimate rather than a bound.
@@ -46,19 +48,15 @@ def time_candidate(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Gui
 
     callback = None if deadline is None else stop_if_late
     try:
-        if cand.is_sequential(N):
-            out, iters = block.reverse(x, y, guidance=guidance, callback=callback), N - 1
-        else:
-            out, stats = gs_jacobi_block(block, x, y, cand, guidance=guidance,
-                                         callback=callback, net=net)
-            iters = stats.total_iters
+        out, stats = solve_block(block, x, y, cand, guidance=guidance, nets=nets,
+                                 callback=callback, on_step=callback)
     except OverBudget:
         seconds = time.perf_counter() - t0
         if cand.is_sequential(N):
             seconds *= (N - 1) / max(steps[0], 1)
         return seconds, None, 0
     _sync(x.device)
-    return time.perf_counter() - t0, out, iters
+    return time.perf_counter() - t0, out, stats.total_iters
 
 
 def pass_seconds(model: TarFlow, nets: dict[str, TarFlow], noise: torch.Tensor, y,

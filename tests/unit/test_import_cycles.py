@@ -13,8 +13,10 @@ Edges follow what Python executes:
 So a package ``__init__`` may re-export its submodules (the edges point from the ``__init__`` to
 them); what makes a cycle is a submodule that imports its own package ``__init__`` (``from
 tarflow.model import TarFlow`` inside ``tarflow/model/``), or two packages whose modules import
-each other's packages. Ring rule checked here as well: ring 1 (model, sampling, data, eval)
-imports no module from ring 2 or 3, nor ``tarflow.app``.
+each other's packages. Ring rules checked here as well: ring 1 (model, sampling, data, eval)
+imports no module from ring 2 or 3, nor ``tarflow.app``; and inside ring 1, ``model`` and
+``data`` import nothing of ``sampling`` or ``eval``, and ``sampling`` nothing of ``eval``
+(``RING_ONE_ORDER``), every module and every import counted (lazy ones too).
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ import tarflow
 ROOT = Path(tarflow.__file__).parent
 RING_ONE = ("tarflow.model", "tarflow.sampling", "tarflow.data", "tarflow.eval")
 OUTER = ("tarflow.lit", "tarflow.cli", "tarflow.app")
+# Inside ring 1: package -> the ring-1 packages its modules must not import (docs/architecture.md).
+RING_ONE_ORDER = {
+    "tarflow.model": ("tarflow.sampling", "tarflow.eval"),
+    "tarflow.data": ("tarflow.sampling", "tarflow.eval"),
+    "tarflow.sampling": ("tarflow.eval",),
+}
+
+
+def _inside(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
 
 
 def _modules() -> dict[str, Path]:
@@ -124,3 +136,31 @@ def test_ring_one_imports_nothing_from_the_outer_rings() -> None:
     bad = sorted((m, t) for m, ts in import_graph().items() if m.startswith(RING_ONE)
                  for t in ts if t.startswith(OUTER))
     assert not bad, bad
+
+
+def order_violations(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) pairs that break ``RING_ONE_ORDER``."""
+    return sorted((m, t) for m, targets in graph.items() for package, banned in
+                  RING_ONE_ORDER.items() if _inside(m, package)
+                  for t in targets if any(_inside(t, b) for b in banned))
+
+
+def test_ring_one_keeps_its_order() -> None:
+    """model and data import nothing of sampling or eval; sampling nothing of eval."""
+    bad = order_violations(import_graph())
+    assert not bad, "imports against ring 1's order (docs/architecture.md): " + ", ".join(
+        f"{m} -> {t}" for m, t in bad)
+
+
+def test_the_order_check_catches_each_kind_of_arrow_back_up() -> None:
+    """The check itself, on a graph with one arrow of each forbidden kind (as the one that
+    ``tarflow.model.speed_losses -> tarflow.sampling.ranking`` was) and the allowed ones."""
+    graph = {"tarflow.model.speed_losses": {"tarflow.sampling.ranking", "tarflow.model.flow"},
+             "tarflow.data.prepared": {"tarflow.eval"},
+             "tarflow.sampling.choose": {"tarflow.eval.fid", "tarflow.data", "tarflow.model"},
+             "tarflow.eval.fid_at_n": {"tarflow.sampling", "tarflow.model"},
+             "tarflow.evaluation_like": {"tarflow.sampling"}}
+    assert order_violations(graph) == [("tarflow.data.prepared", "tarflow.eval"),
+                                       ("tarflow.model.speed_losses", "tarflow.sampling.ranking"),
+                                       ("tarflow.sampling.choose", "tarflow.eval.fid")]
+    # Lazy, in-function imports are edges of the real graph too (see the first test).

@@ -156,8 +156,7 @@ def test_interrupted_preparation_resumes(tmp_path, kind):
     assert {k: v for k, v in manifest.items() if k != "source_root"} == {
         k: v for k, v in clean.items() if k != "source_root"
     }
-    assert sorted(p.name for p in out.iterdir()) == [
-        ".prepare.lock",
+    assert sorted(p.name for p in out.iterdir()) == [  # a finished set keeps no lock file
         "manifest.json",
         "train",
         "val",

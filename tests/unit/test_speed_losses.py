@@ -8,15 +8,15 @@ from torch.autograd.functional import jacobian
 
 from tarflow.model import TarFlow, preset
 from tarflow.model.permutation import permute
-from tarflow.model.speed_losses import (
+from tarflow.sampling.fixed_point import fixed_point_map
+from tarflow.sampling.jacobi import gs_jacobi_block
+from tarflow.sampling.schedule import BlockSchedule
+from tarflow.sampling.speed_losses import (
     SpeedTerm,
     chain_penalty,
-    fixed_point_map,
     parse_speed_terms,
     trajectory_penalty,
 )
-from tarflow.sampling.jacobi import gs_jacobi_block
-from tarflow.sampling.schedule import BlockSchedule
 from tests.unit.conftest import make_model
 
 

@@ -1,15 +1,18 @@
 """Checks every command shares: a checkpoint file that exists and is a torch archive, a device
-that exists here, a dtype the samplers run in, and argparse counts within their range."""
+that exists here, a dtype the samplers run in, argparse counts within their range, output paths
+that can be written, and ``~`` in path values expanded once, before any record or work."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tarflow.app.checks.paths import check_writable
 from tarflow.app.errors import fail
 from tarflow.model.loading import DTYPES
 from tarflow.model.sharded import is_sharded_checkpoint
@@ -69,3 +72,40 @@ def refuse_low_counts(args: argparse.Namespace, minimum: dict[str, int]) -> None
         for value in values if isinstance(values, list) else [values]:
             if value is not None and value < least:
                 fail(f"--{key.replace('_', '-')} {value} must be >= {least}")
+
+
+def refuse_unwritable(args: argparse.Namespace, *, folders: dict[str, str] | None = None,
+                      files: dict[str, str] | None = None) -> None:
+    """An argparse command's output paths that cannot be written (:func:`check_writable`; keys:
+    the attribute, values: the flag or metavar the message names) end in one line, before any
+    work; the ones that can are kept ``~``-expanded."""
+    for names, folder in ((folders or {}, True), (files or {}, False)):
+        for name, flag in names.items():
+            value = getattr(args, name, None)
+            if value in (None, ""):
+                continue
+            try:
+                check_writable(flag, value, folder=folder)
+            except ValueError as err:
+                fail(str(err))
+            setattr(args, name, os.path.expanduser(str(value)))  # keeps a trailing "/"
+
+
+def refuse_fid_inputs(count: int, stats: str | None, weights: str | None,
+                      image_side: int) -> None:
+    """``--fid N`` of an argparse command: its ``--fid-stats`` must be readable statistics of
+    this resolution and the Inception weights must be here, checked before the timing work
+    (which a late refusal would lose, ``--json`` included)."""
+    from tarflow.eval import load_reference
+    from tarflow.eval.inception import find_inception_weights
+
+    if not count:
+        return
+    if not stats:
+        fail(f"--fid {count} needs --fid-stats (reference statistics of the data: our .npz "
+             f"cache, e.g. from tarflow-eval or scripts/prepare_fid_stats.py)")
+    try:
+        load_reference(Path(stats).expanduser(), expect={"img_size": int(image_side)})
+        find_inception_weights(weights)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))

@@ -16,11 +16,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tarflow.app.checks.common import check_device, check_dtype, checkpoint_file
+from tarflow.app.checks.paths import check_writable, expand_user_paths
 from tarflow.app.checks.train import check_fid_reference, check_sampler, normalise_schedule
 from tarflow.app.sample_outputs import check_out_dir
 from tarflow.conf import CONFIG_DIR
-from tarflow.model import CheckpointSummary, describe_checkpoint
+from tarflow.model import CheckpointSummary, describe_checkpoint, weights_mismatch
 from tarflow.model.autoencoder import locate, resolve_autoencoder
+from tarflow.model.checkpoint import mismatch_error
 from tarflow.model.space import make_space
 
 FORMATS = ("png", "npz", "both")
@@ -35,6 +37,8 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
         The checkpoint's summary.
     """
     _check_keys(cfg, "sample")
+    expand_user_paths(cfg)
+    check_writable("out_dir", cfg.out_dir, folder=True)
     summary = _checkpoint(cfg)
     check_autoencoder(summary, cfg.get("autoencoder_path"))
     model = summary.config
@@ -98,6 +102,8 @@ def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
         The checkpoint's summary.
     """
     _check_keys(cfg, "eval")
+    expand_user_paths(cfg)
+    check_writable("out_dir", cfg.out_dir, folder=True)
     summary = _checkpoint(cfg)
     check_autoencoder(summary, cfg.get("autoencoder_path"))
     if not cfg.bpd.enabled and not cfg.fid.enabled:
@@ -187,7 +193,11 @@ def _checkpoint(cfg: DictConfig) -> CheckpointSummary:
         # The wording the loader used before these checks, which scripts may look for.
         raise FileNotFoundError(f"checkpoint not found: {cfg.ckpt_path}")
     path = checkpoint_file("ckpt_path", cfg.ckpt_path, "give an official .pth, .pt or .ckpt")
-    return describe_checkpoint(path)
+    summary = describe_checkpoint(path)
+    # The loader's own check and message, on shapes only, before any record or work.
+    if problems := weights_mismatch(summary.config, summary.state):
+        raise mismatch_error(path.name, summary.config, problems)
+    return summary
 
 
 def _at_least(cfg: DictConfig, key: str, low: int) -> int:

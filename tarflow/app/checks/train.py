@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app.checks.common import checkpoint_file
+from tarflow.app.checks.paths import expand_user_paths
 from tarflow.app.runs import holds_run, is_secondary_process
 from tarflow.eval import FeatureStats, load_reference, reference_format
 from tarflow.eval.inception import FEATURE_DIM
@@ -32,8 +33,8 @@ from tarflow.model import (
 from tarflow.model.autoencoder import AutoencoderRecord, resolve_autoencoder
 from tarflow.model.checkpoint import read_file, split_checkpoint
 from tarflow.model.sharded import is_sharded_checkpoint
-from tarflow.model.speed_losses import parse_speed_terms
 from tarflow.sampling.settings import parse_sampler
+from tarflow.sampling.speed_losses import parse_speed_terms
 
 # Values of ckpt_path that Lightning resolves itself instead of reading a file.
 _LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
@@ -51,6 +52,7 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     Returns:
         The model's :class:`TarFlowConfig`.
     """
+    expand_user_paths(cfg)  # ckpt_path=~/...: Lightning's resume does not expand it
     _check_no_missing_values(cfg)
     model = _model_config(cfg)
     autoencoder = _check_latent(cfg, model)

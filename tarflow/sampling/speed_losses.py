@@ -41,31 +41,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.flow import FlowBlock
 from tarflow.model.permutation import permute
-
-# Ring 1 too; tarflow.model's __init__ does not import this module, so no import cycle.
-from tarflow.sampling.ranking import initial_guess, rank_blocks
-from tarflow.sampling.schedule import INITS
+from tarflow.sampling.fixed_point import INITS, fixed_point_map, initial_guess
+from tarflow.sampling.ranking import rank_blocks
 
 KINDS = ("jacobian", "chain", "trajectory")
 BALANCES = ("sum", "share", "max")
 
 
 # ------------------------------------------------------------------------------ the maths
-def fixed_point_map(block: FlowBlock, xp: torch.Tensor, zp: torch.Tensor, *,
-                    cond: torch.Tensor | float = 0.0) -> torch.Tensor:
-    """F(x) = b(x) + sigma(a(x)) * z, one Jacobi update of the whole sequence.
-
-    Args:
-        xp: (B, N, D) current iterate, permuted frame (the block's token order).
-        zp: (B, N, D) the block's output in the same frame.
-
-    Returns:
-        (B, N, D); position 0 is z_0 (a = b = 0 there).
-    """
-    a, b = block.affine(xp, cond=cond)
-    return b + block.sigma(a) * zp
-
-
+# F and the initial guesses are the sampler's own (tarflow.sampling.fixed_point).
 def chain_penalty(block: FlowBlock, xp: torch.Tensor, zp: torch.Tensor, u: torch.Tensor, *,
                   k: int = 1, cond: torch.Tensor | float = 0.0) -> torch.Tensor:
     """||u^T J_F^k||^2 / (B * N * D) at the fixed point x, differentiable in the parameters.
