@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 
-import pytest
 import torch
 
 from tests.reliability.helpers import (
