@@ -19,6 +19,7 @@ import torch
 from tarflow.files import atomic_torch_save
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.sharded import read_sharded
+from tarflow.model.student import NOT_A_FLOW, student_info
 
 if TYPE_CHECKING:
     from tarflow.model.tarflow import TarFlow
@@ -202,6 +203,9 @@ def load_model(cls: type[TarFlow], source: str | Path | dict, *,
     else:
         obj = source
     where = name or "the given state dict"
+    if student_info(obj) is not None:
+        raise CheckpointError(f"{where} is a distilled student, not a TarFlow ({NOT_A_FLOW}); "
+                              f"load it with tarflow.model.loading.load_for_sampling")
     sd, stored = split_checkpoint(obj)
     config = _config_of(sd, stored, name, where, overrides)
     model = cls(config)
@@ -232,6 +236,8 @@ class CheckpointSummary:
         weights: "ema" or "raw" for our Lightning checkpoints, else None.
         autoencoder: a latent model's autoencoder record (``AutoencoderRecord.to_dict()``),
             or None for a pixel model.
+        kind: "tarflow", or "student" for a distilled student (``tarflow.model.student``;
+            ``config`` is then its teacher's, ``teacher`` where it came from).
     """
 
     path: Path
@@ -241,6 +247,8 @@ class CheckpointSummary:
     data: dict | None = None
     weights: str | None = None
     autoencoder: dict | None = None
+    kind: str = "tarflow"
+    teacher: dict | None = None
 
 
 def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
@@ -257,9 +265,12 @@ def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
     hparams = obj.get("hyper_parameters") if isinstance(obj.get("hyper_parameters"), dict) else {}
     data = meta.get("data") or hparams.get("data")
     autoencoder = meta.get("autoencoder") or hparams.get("autoencoder")
+    student = student_info(obj)
     return CheckpointSummary(path, "pytorch-lightning_version" in obj, config, sd,
                              dict(data) if isinstance(data, dict) else None, meta.get("weights"),
-                             dict(autoencoder) if isinstance(autoencoder, dict) else None)
+                             dict(autoencoder) if isinstance(autoencoder, dict) else None,
+                             "tarflow" if student is None else "student",
+                             None if student is None else student[2])
 
 
 def load_weights(model: TarFlow, source: str | Path) -> str | None:

@@ -114,11 +114,20 @@ def _gathered(b: _Block, ids: torch.Tensor, x: torch.Tensor, z: torch.Tensor,
     return _Rows(ids, x, z, cache, cond, None if b.qs is None else b.qs[nrows], in_place=False)
 
 
-def _initial_guess(zp: torch.Tensor, init: str) -> torch.Tensor:
-    """X^(0): the block's input itself, or [z_0, 0, ..., 0] (``init="zeros"``)."""
+def _initial_guess(zp: torch.Tensor, init: str, guess: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """X^(0): the block's input itself, [z_0, 0, ..., 0] (``init="zeros"``), or ``guess``
+    (``init="student"``: the solution a student predicts, in the block's order) with the exact
+    position 0 (x_0 = z_0: the first token is the identity)."""
     if init == "z":
         return zp.clone()
-    xp = torch.zeros_like(zp)
+    if init == "student":
+        if guess is None:
+            raise ValueError("init 'student' needs the student's guess: sample(..., "
+                             "student=<a distilled student or its checkpoint>)")
+        xp = guess.to(zp.dtype).clone()
+    else:
+        xp = torch.zeros_like(zp)
     xp[:, 0] = zp[:, 0]
     return xp
 
@@ -246,8 +255,8 @@ def _solve_segment(b: _Block, seg: int, p: int, e: int, cap: int) -> int | None:
 @torch.no_grad()
 def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                     schedule: BlockSchedule, *, guidance: Guidance = Guidance(),
-                    callback: TraceFn | None = None,
-                    net: FlowBlock | None = None) -> tuple[torch.Tensor, BlockStats]:
+                    callback: TraceFn | None = None, net: FlowBlock | None = None,
+                    guess: torch.Tensor | None = None) -> tuple[torch.Tensor, BlockStats]:
     """Invert one block by GS-Jacobi.
 
     Convergence is tested every ``schedule.check_every`` iterations and on each segment's last
@@ -266,6 +275,8 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
             It may raise to abandon the block (the planner stops over-budget candidates so).
         net: a copy of ``block`` in a lower precision (``precision.network_copy``) that runs
             the iterations' network passes; iterates, update and stopping test keep z's dtype.
+        guess: (B, N, D) raster order, the block's input a student predicts: the initial
+            guess of ``schedule.init == "student"`` (``tarflow.sampling.student``).
 
     Returns:
         x (B, N, D) raster order, and the block's stats.
@@ -285,7 +296,8 @@ def gs_jacobi_block(block: FlowBlock, z: torch.Tensor, y: torch.Tensor | None,
                                      or (schedule.tol == 0 and cap_all < (N - 1) // 2))
     zp = permute(z, block.flipped)  # (B, N, D) in the block's token order
     b = _Block(
-        block, net, net_dtype, guidance, zp, _initial_guess(zp, schedule.init),
+        block, net, net_dtype, guidance, zp,
+        _initial_guess(zp, schedule.init, None if guess is None else permute(guess, block.flipped)),
         cache=None if cacheless else net.new_cache(B * (2 if guidance.active else 1),
                                                    dtype=net_dtype, device=z.device),
         cond=net.class_bias(guidance.labels(y, B, z.device)),  # (B', 1, Ch) or scalar

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import torch
 
 from tarflow.model import Guidance, TarFlow
+from tarflow.model.student import Student, is_student
 from tarflow.sampling.convergence import relative_residual
 from tarflow.sampling.denoise import self_denoise
 from tarflow.sampling.jacobi import BlockStats, TraceFn, gs_jacobi_block
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.schedule import SamplingSchedule
+from tarflow.sampling.student import resolve_student, sample_student, student_guesses
 
 
 @dataclass
@@ -52,7 +54,9 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
            attn_temp: float = 1.0, annealed: bool = False, guidance_rule: str = "linear",
            denoise: float = 0.0, noise_std: float | None = None,
            check_every: int | None = None, callback: TraceFn | None = None,
-           net_dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, SampleStats]:
+           net_dtype: torch.dtype | str | None = None,
+           steps: int | None = None,
+           student: Student | str | None = None) -> tuple[torch.Tensor, SampleStats]:
     """Noise -> images.
 
     Args:
@@ -73,10 +77,22 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
             GS-Jacobi iterations in this dtype (e.g. "bfloat16"; a cached converted copy of the
             model) while iterates, updates and the stopping test stay in the noise dtype.
             Sequential blocks keep full precision. None keeps the schedule's.
+        steps: Euler steps K of a distilled student (``tarflow.model.student``), which
+            ``model`` may be: it samples in K steps and ignores the schedule and guidance (fixed
+            when distilled). For a TarFlow with ``student``: the student's steps.
+        student: a distilled student of ``model`` (or its checkpoint's path): blocks whose
+            schedule says ``init="student"`` start their Jacobi iteration from its sample
+            pushed through ``model``'s forward pass (its cost is in the time). The samples are
+            the same as with any other guess, to the tolerance.
 
     Returns:
         images (B, C, H, W) and :class:`SampleStats`.
     """
+    if is_student(model):
+        return sample_student(model, noise, y, steps=steps, denoise=denoise)
+    if steps is not None and student is None:
+        raise ValueError(f"steps={steps} is a distilled student's setting; this checkpoint is "
+                         f"a TarFlow (its sampler is set by the schedule)")
     cfg = model.config
     schedule = schedule or SamplingSchedule.sequential()
     if check_every is not None:
@@ -96,6 +112,13 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     twins: dict[str, TarFlow] = {}  # low-precision copies used by this call, looked up once
     _sync(noise.device)
     t_all = time.perf_counter()
+    guesses = {}
+    if any(schedule.for_block(b).init == "student" for b in range(cfg.num_blocks)):
+        teacher_student = resolve_student(student, noise)
+        if teacher_student is None:
+            raise ValueError("the schedule starts some block from init 'student', but no "
+                             "student was given (sample(..., student=...), sampler.student)")
+        guesses = student_guesses(model, teacher_student, noise, y, g, steps=steps)
     x = noise
     for block in reversed(model.blocks):
         t0 = time.perf_counter()
@@ -118,7 +141,8 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
             if low is not None and low not in twins:
                 twins[low] = network_copy(model, getattr(torch, low))
             x, st = gs_jacobi_block(block, x, y, settings, guidance=g, callback=callback,
-                                    net=None if low is None else twins[low].blocks[block.index])
+                                    net=None if low is None else twins[low].blocks[block.index],
+                                    guess=guesses.get(block.index))
         _sync(noise.device)
         st.seconds = time.perf_counter() - t0
         stats.blocks[block.index] = st

@@ -6,11 +6,12 @@ benchmarks, so the translation into ring-1 objects lives in one place. This modu
 Hydra nor OmegaConf: callers convert their config to plain containers first.
 
 A sampler dict has the keys ``name, schedule, tol, init, guidance, attn_temp, annealed,
-guidance_rule, denoise, check_every, net_dtype, auto, planner``; ``schedule`` is "sequential",
-"jacobi[:J]", the paper's "[Stack-GS-J-Else]" notation, the explicit ``{block:setting, ...}``
-form, an explicit per-block dict, "auto" (the planner: measured on the device and batch at run
-time, with a CRM/IGM ranking as its prior) or "auto:paper" (the paper's fixed rule applied to
-the ranking).
+guidance_rule, denoise, check_every, net_dtype, auto, planner, steps`` (``steps``: a
+distilled student's Euler steps K, ``tarflow.model.student``; refused for a TarFlow);
+``schedule`` is "sequential", "jacobi[:J]", the paper's "[Stack-GS-J-Else]" notation, the
+explicit ``{block:setting, ...}`` form, an explicit per-block dict, "auto" (the planner:
+measured on the device and batch at run time, with a CRM/IGM ranking as its prior) or
+"auto:paper" (the paper's fixed rule applied to the ranking).
 
 ``net_dtype`` says which network precision sampling may use for Jacobi passes:
 
@@ -48,7 +49,7 @@ AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters"
 PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
 KNOB_KEYS = ("guidance", "attn_temp", "annealed", "guidance_rule", "denoise")
 KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "planner", "check_every",
-                        "net_dtype", *KNOB_KEYS))
+                        "net_dtype", "steps", *KNOB_KEYS))
 # Keys that existed once, with what replaced them (a clear error instead of "unknown key").
 RETIRED = {"tune_segments": "segment counts are now timed by the planner: use schedule: auto"}
 
@@ -216,6 +217,10 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         "guidance_rule": str(cfg.get("guidance_rule") or "linear"),
         "denoise": float(cfg.get("denoise") or 0.0),
     }
+    if cfg.get("steps") is not None:  # a distilled student's Euler steps K (null: its default)
+        knobs["steps"] = int(cfg["steps"])
+        if knobs["steps"] < 1:
+            raise ValueError(f"sampler.steps={cfg['steps']} must be >= 1 (a student's K)")
     Guidance(rule=knobs["guidance_rule"])  # an unknown rule fails now, naming the known ones
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,
