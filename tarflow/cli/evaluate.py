@@ -55,6 +55,7 @@ from tarflow.eval.likelihood import likelihood
 from tarflow.model import TarFlow
 from tarflow.model.loading import load_for_sampling
 from tarflow.model.space import PixelSpace
+from tarflow.model.student import NOT_A_FLOW, is_student
 from tarflow.sampling.choose import choose_schedule
 from tarflow.sampling.sample_set import run_summary
 from tarflow.sampling.settings import parse_sampler
@@ -121,7 +122,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                "overrides": _task_overrides()}
     if space.latent:
         results["autoencoder"] = space.record.to_dict()
-    if cfg.bpd.enabled:  # the likelihood pass: pixel bits/dim, or a latent model's latent NLL
+    if cfg.bpd.enabled and is_student(net):
+        results["bpd"] = f"skipped: {NOT_A_FLOW}"
+        print(f"bpd: skipped: {NOT_A_FLOW}")
+    elif cfg.bpd.enabled:  # the likelihood pass: pixel bits/dim, or a latent model's NLL
         ds = _dataset(space, data, data.get("split") or "val")
         results.update(likelihood(net, space, ds, batch_size=int(data.get("batch_size") or 256),
                                   max_images=data.get("max_images"),

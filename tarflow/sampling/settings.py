@@ -7,7 +7,8 @@ Hydra nor OmegaConf: callers convert their config to plain containers first.
 
 A sampler dict has the keys ``name, schedule, tol, init, guidance, attn_temp, annealed,
 guidance_rule, denoise, check_every, net_dtype, auto, planner, steps`` (``steps``: a
-distilled student's Euler steps K, ``tarflow.model.student``; refused for a TarFlow);
+distilled student's Euler steps K, ``tarflow.model.student``; ``student``: a student
+checkpoint whose guess starts the blocks with ``init: student``);
 ``schedule`` is "sequential", "jacobi[:J]", the paper's "[Stack-GS-J-Else]" notation, the
 explicit ``{block:setting, ...}`` form, an explicit per-block dict, "auto" (the planner:
 measured on the device and batch at run time, with a CRM/IGM ranking as its prior) or
@@ -49,7 +50,7 @@ AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters"
 PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
 KNOB_KEYS = ("guidance", "attn_temp", "annealed", "guidance_rule", "denoise")
 KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "planner", "check_every",
-                        "net_dtype", "steps", *KNOB_KEYS))
+                        "net_dtype", "steps", "student", *KNOB_KEYS))
 # Keys that existed once, with what replaced them (a clear error instead of "unknown key").
 RETIRED = {"tune_segments": "segment counts are now timed by the planner: use schedule: auto"}
 
@@ -221,6 +222,8 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         knobs["steps"] = int(cfg["steps"])
         if knobs["steps"] < 1:
             raise ValueError(f"sampler.steps={cfg['steps']} must be >= 1 (a student's K)")
+    if cfg.get("student"):  # a student checkpoint: the guess of blocks with init "student"
+        knobs["student"] = str(cfg["student"])
     Guidance(rule=knobs["guidance_rule"])  # an unknown rule fails now, naming the known ones
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,
