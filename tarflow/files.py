@@ -17,14 +17,16 @@ Standard library and torch only: every ring may import it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write", "fsync_dir", "fsync_file"]
+__all__ = ["atomic_dir", "atomic_torch_save", "atomic_write", "fsync_dir", "fsync_file"]
 
 
 def _file_mode() -> int:
@@ -132,3 +134,32 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike, *,
         The destination path.
     """
     return atomic_write(path, lambda handle: torch.save(obj, _FdWriter(handle.fileno(), write)))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a whole directory (e.g. a ``save_pretrained`` folder) and expose it at ``path`` only
+    once complete: the body fills the yielded hidden sibling ``.<name>.<random>.tmp``; on success
+    its files are fsynced and it replaces ``path`` (an older directory there is removed only
+    after the new one is complete); on any exception ``path`` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        for file in sorted(p for p in tmp.rglob("*") if p.is_file()):
+            fsync_file(file)
+        # A directory cannot be os.replace'd over a non-empty one: move the old aside first,
+        # so at every moment either the old or the new complete directory is at ``path``.
+        old = target.parent / f".{target.name}.old.tmp" if target.exists() else None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

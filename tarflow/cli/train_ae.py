@@ -14,7 +14,7 @@ posterior means of the training images fix ``shift_factor`` (their mean) and ``s
 (one over their standard deviation), stored in the autoencoder's own config as Stable
 Diffusion's 0.18215 is in its, so the flow sees latents of mean 0 and variance 1.
 
-The directory is written with ``save_pretrained`` into a temporary directory and renamed, so an
+The directory is built through ``tarflow.files.atomic_dir`` (a hidden sibling renamed into place), so an
 interrupted run leaves no half-written autoencoder; an existing one is refused unless ``--force``.
 """
 
@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import torch
 from tarflow.app.checks.common import refuse_low_counts
 from tarflow.app.errors import fail
 from tarflow.data import build_dataset
+from tarflow.files import atomic_dir
 from tarflow.model.autoencoder import small_autoencoder
 from tarflow.model.autoencoder_fit import fit, latent_moments, reconstruction_error
 
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     vae.register_to_config(scaling_factor=1.0 / std, shift_factor=mean)
     mse = reconstruction_error(vae, val)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:  # a crash leaves any earlier autoencoder at --out untouched
         vae.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps({
             **{k: v for k, v in vars(args).items() if k not in ("force", "no_progress")},
@@ -105,12 +103,6 @@ def main(argv: list[str] | None = None) -> int:
             "val_psnr_db": 10 * math.log10(4.0 / max(mse, 1e-12)),
             "shift_factor": mean, "scaling_factor": 1.0 / std,
             "seconds": time.perf_counter() - t0}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     side = args.img_size // 2 ** (len(args.widths) - 1)
     print(f"autoencoder {args.img_size}x{args.img_size}x{args.channels} -> {side}x{side}x"
           f"{args.latent_channels} trained for {args.steps} steps in "

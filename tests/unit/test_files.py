@@ -66,3 +66,21 @@ def test_torch_save_round_trips_and_a_failed_low_level_write_keeps_the_old_file(
     assert any("injected" in str(e) for e in chain if e is not None)
     assert torch.equal(torch.load(path, weights_only=True)["w"], first["w"])
     assert _leftovers(tmp_path) == []
+
+
+def test_atomic_dir_replaces_only_when_complete(tmp_path):
+    from tarflow.files import atomic_dir
+
+    out = tmp_path / "ae"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("crash while saving")
+    assert [p.name for p in out.iterdir()] == ["old.txt"]  # the earlier directory is untouched
+    with atomic_dir(out) as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "new.txt").write_text("new")
+    assert (out / "sub" / "new.txt").read_text() == "new" and not (out / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae"]  # no temporary left beside it
