@@ -88,8 +88,13 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     Returns:
         images (B, C, H, W) and :class:`SampleStats`.
     """
-    if is_student(model):
-        return sample_student(model, noise, y, steps=steps, denoise=denoise)
+    if is_student(model):  # a distilled student: K Euler steps, no blocks to solve
+        _sync(noise.device)
+        t0 = time.perf_counter()
+        images = sample_student(model, noise, y, steps=steps, denoise=denoise)
+        _sync(noise.device)
+        K = int(steps or model.student_config.steps)
+        return images, SampleStats(seconds=time.perf_counter() - t0, schedule=f"student K={K}")
     if steps is not None and student is None:
         raise ValueError(f"steps={steps} is a distilled student's setting; this checkpoint is "
                          f"a TarFlow (its sampler is set by the schedule)")

@@ -14,8 +14,6 @@ sampler's), self-denoising (needs a likelihood: refused).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from tarflow.model import Guidance, TarFlow
@@ -25,16 +23,14 @@ from tarflow.model.student import NOT_A_FLOW, Student
 
 @torch.no_grad()
 def sample_student(student: Student, noise: torch.Tensor, y: torch.Tensor | None = None, *,
-                   steps: int | None = None, denoise: float = 0.0):
-    """Noise (B, N, D) -> images (B, C, H, W) and a ``SampleStats`` (no blocks: ``iters`` is
-    empty; ``schedule`` names the steps).
+                   steps: int | None = None, denoise: float = 0.0) -> torch.Tensor:
+    """Noise (B, N, D) -> images (B, C, H, W) in K = ``steps`` Euler steps (default: the
+    student's own). ``tarflow.sampling.sample`` times it and names it ``student K=<K>``.
 
     Raises:
         ValueError: self-denoising asked for (a student has no likelihood), a bad step count
             or noise of another shape.
     """
-    from tarflow.sampling.sample import SampleStats, _sync  # sample imports this module
-
     if denoise:
         raise ValueError(f"denoise={denoise}: self-denoising follows the model's likelihood "
                          f"gradient, and {NOT_A_FLOW}; sample the student with denoise 0")
@@ -42,14 +38,7 @@ def sample_student(student: Student, noise: torch.Tensor, y: torch.Tensor | None
     if noise.shape[1:] != (cfg.num_patches, cfg.token_dim):
         raise ValueError(f"noise must be (B, {cfg.num_patches}, {cfg.token_dim}), got "
                          f"{tuple(noise.shape)}")
-    K = int(steps or student.student_config.steps)
-    _sync(noise.device)
-    t0 = time.perf_counter()
-    images = student.unpatchify(student.generate(noise, y, steps=K))
-    _sync(noise.device)
-    seconds = time.perf_counter() - t0
-    return images, SampleStats(blocks={}, seconds=seconds, schedule=f"student K={K}")
-
+    return student.unpatchify(student.generate(noise, y, steps=steps))
 
 
 @torch.no_grad()
