@@ -202,8 +202,9 @@ class DistillDataModule(TarFlowDataModule):
         p = self.pairs
         total = int(p["count"]) + int(p["val_count"])
         t0 = time.perf_counter()
-        if missing_shards(p["dir"], total, int(p["shard_size"])):
-            self._write_pairs(total)
+        # Always through the writer: it refuses a folder of another teacher or sampler even
+        # when that folder is complete, and draws only what is missing.
+        self._write_pairs(total)
         self.pair_seconds = time.perf_counter() - t0
         self.train_set = PairSet(p["dir"], total, range(int(p["count"])))
         self.val_set = PairSet(p["dir"], total, range(int(p["count"]), total))
