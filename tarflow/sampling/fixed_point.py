@@ -44,6 +44,8 @@ GUESSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "student": _student,  # a distilled student's sample through the forward pass
 }
 INITS = tuple(GUESSES)
+# The guesses made from the block's input alone (what the IGM ranks and a loss term can use).
+INPUT_INITS = tuple(k for k in INITS if k != "student")
 
 
 def initial_guess(zp: torch.Tensor, init: str, *,

@@ -19,7 +19,7 @@ import torch
 from tarflow.model import TarFlow
 from tarflow.model.flow import FlowBlock
 from tarflow.model.permutation import permute
-from tarflow.sampling.fixed_point import INITS, fixed_point_map, initial_guess
+from tarflow.sampling.fixed_point import INPUT_INITS, fixed_point_map, initial_guess
 from tarflow.sampling.schedule import SEQUENTIAL, BlockSchedule, SamplingSchedule
 
 NORMS = {"spectral": 2, "1": 1, "fro": "fro"}
@@ -54,7 +54,7 @@ def block_metrics(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, *,
     """CRM and IGM of one block from its forward input x and output z, both (M, N, D) raster."""
     D = x.shape[-1]
     if block.is_identity:  # nothing to solve: no cost, nothing to guess
-        return BlockRank(block.index, 0.0, 0.0, dict.fromkeys(INITS, 0.0))
+        return BlockRank(block.index, 0.0, 0.0, dict.fromkeys(INPUT_INITS, 0.0))
     xp, zp = permute(x, block.flipped), permute(z, block.flipped)
     cond = block.class_bias(None)  # unconditional embedding, as in the paper
     a, _ = block.affine(xp, cond=cond)
@@ -62,7 +62,7 @@ def block_metrics(block: FlowBlock, x: torch.Tensor, z: torch.Tensor, *,
     w = block.proj_out.weight
     crm = matrix_norm(mean_ax, norm) * matrix_norm(w[:D], norm) + matrix_norm(w[D:], norm)
     igm = {}
-    for init in INITS:
+    for init in INPUT_INITS:
         x1 = fixed_point_map(block, initial_guess(zp, init), zp, cond=cond)  # one update
         igm[init] = matrix_norm((x1 - xp).mean(0), norm)
     return BlockRank(block.index, crm, 0.0, igm)
@@ -129,13 +129,13 @@ def schedule_from_ranking(ranking: list[BlockRank], num_patches: int, *,
 def ranking_table(ranking: list[BlockRank], schedule: SamplingSchedule | None = None) -> str:
     """Plain-text table: block, CRM, share, IGM per guess, and the chosen settings."""
     head = f"{'block':>5} {'CRM':>10} {'share%':>7} " + " ".join(f"{'IGM_' + i:>10}"
-                                                                  for i in INITS)
+                                                                  for i in INPUT_INITS)
     if schedule is not None:
         head += f" {'segments':>8} {'max_iters':>9} {'init':>5}"
     lines = [head]
     for r in ranking:
         line = f"{r.block:>5} {r.crm:>10.4g} {r.share:>7.2f} " + " ".join(
-            f"{r.igm[i]:>10.4g}" for i in INITS)
+            f"{r.igm[i]:>10.4g}" for i in INPUT_INITS)
         if schedule is not None:
             s = schedule.for_block(r.block)
             seg = "seq" if s.segments == SEQUENTIAL else str(s.segments)

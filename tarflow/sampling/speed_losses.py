@@ -41,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.flow import FlowBlock
 from tarflow.model.permutation import permute
-from tarflow.sampling.fixed_point import INITS, fixed_point_map, initial_guess
+from tarflow.sampling.fixed_point import INPUT_INITS, fixed_point_map, initial_guess
 from tarflow.sampling.ranking import rank_blocks
 
 KINDS = ("jacobian", "chain", "trajectory")
@@ -247,8 +247,8 @@ def parse_speed_terms(specs: Mapping[str, Mapping[str, Any]] | None, config: Tar
             raise ValueError(f"{where}.prob={prob} must lie in (0, 1]")
         if spec.get("balance", "share") not in BALANCES:
             raise ValueError(f"{where}.balance={spec['balance']!r} must be one of {BALANCES}")
-        if spec.get("init", "z") not in INITS:
-            raise ValueError(f"{where}.init={spec['init']!r} must be one of {INITS}")
+        if spec.get("init", "z") not in INPUT_INITS:
+            raise ValueError(f"{where}.init={spec['init']!r} must be one of {INPUT_INITS}")
         spec["weight"], spec["prob"] = weight, prob
         terms.append(SpeedTerm(name=str(name), seed=seed, **spec))
     return terms
