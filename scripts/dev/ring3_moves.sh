@@ -10,7 +10,7 @@
 #  - model.checkpoint.load_model -> build_from_checkpoint;
 #    cli.common.load_model -> app.cli_args.model_from_args
 #  - data/prepare.py's "plan" (the manifest before completion) -> "draft", as the encoder calls
-#    it; the PLAN constants (data/prepared.py, data/latents.py) -> DRAFT_FILE; on disk still plan.json
+#    it; the PLAN constants (data/prepared.py, data/latents.py) -> DRAFT; on disk still plan.json
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 
@@ -119,7 +119,7 @@ for f in files:
     if f in ("tarflow/data/prepare.py", "tarflow/cli/prepare.py", "tests/unit/test_prepared.py"):
         t = re.sub(r"\bon_plan\b", "on_draft", t)
     if f in ("tarflow/data/prepare.py", "tarflow/cli/prepare.py", "tarflow/data/prepared.py"):
-        t = re.sub(r"\b_plan\(", "_manifest_draft(", t)
+        t = re.sub(r"\b_plan\(", "_draft(", t)
         t = re.sub(r"\bplan_\b", "draft_", t)
         t = re.sub(r"(?<![\w\"'.])plan\b(?!\.json)", "draft", t)
         t = t.replace(
@@ -129,7 +129,7 @@ for f in files:
             '        return theirs_root == Path(draft["source_root"]).resolve()\n')
     if f in ("tarflow/data/prepared.py", "tarflow/data/latents.py") or re.search(
             r"from tarflow\.data\.(latents|prepared) import", t):
-        t = re.sub(r"\bPLAN\b", "DRAFT_FILE", t)
+        t = re.sub(r"\bPLAN\b", "DRAFT", t)
     if t != old:
         p.write_text(t)
         changed.append(f)
