@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from tarflow.app.checks.common import refuse_fid_inputs, refuse_low_counts, refuse_unwritable
-from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
+from tarflow.app.cli_args import add_data_args, add_model_args, fail, model_from_args, probe_images
 from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_retired_methods(args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, space = load_model(args)
+    model, space = model_from_args(args)
     refuse_fid_inputs(args.fid, args.fid_stats, args.inception_weights, space.image_shape[1])
     methods, (note, ranking) = resolve_methods(args, model, space)
     cfg = model.config

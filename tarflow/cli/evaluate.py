@@ -41,8 +41,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
+from tarflow.app.checks.config_types import check_job_types
 from tarflow.app.checks.sample import check_eval_config, fid_stats_path
-from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.eval_sampler import choose_sampler, sampler_lines
 from tarflow.app.logs import job_log

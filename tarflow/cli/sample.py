@@ -41,15 +41,15 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
+from tarflow.app.checks.config_types import check_job_types
 from tarflow.app.checks.sample import check_sample_config, sample_job
-from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.logs import job_log
 from tarflow.app.runs import save_records
 from tarflow.app.sample_outputs import SampleFiles, clear_outputs
 from tarflow.conf import CONFIG_DIR
 from tarflow.eval import images_to_uint8
-from tarflow.eval.fid_at_n import sample_set
+from tarflow.eval.fid_at_n import draw_set
 from tarflow.eval.plots import image_grid
 from tarflow.model.loading import load_for_sampling
 from tarflow.sampling.choose import choose_schedule
@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if sum(x.shape[0] for x in grid_images) < grid_size:
             grid_images.append(images)
 
-    run_ = sample_set(net, range(first, first + n), schedule, seed=int(cfg.seed),
+    run_ = draw_set(net, range(first, first + n), schedule, seed=int(cfg.seed),
                       batch_size=batch, knobs=settings.knobs, space=space,
                       label=None if label is None else int(label), on_batch=write,
                       progress=bool(cfg.get("progress", True)))

@@ -56,7 +56,7 @@ def aliases() -> str:
     return ", ".join(f"{alias} (= {name})" for alias, name in sorted(ALIASES.items()))
 
 
-def load_model(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
+def model_from_args(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
     """The network (a checkpoint, or a fresh ``--preset``) and its space, on ``--device``."""
     torch.manual_seed(args.seed)
     if args.preset:
