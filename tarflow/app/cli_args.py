@@ -1,4 +1,5 @@
-"""Shared argparse pieces of the Hydra-free CLIs (tarflow-rank, tarflow-bench)."""
+"""Shared argparse pieces of the Hydra-free commands (tarflow-rank, tarflow-bench,
+tarflow-fid-weights, tarflow-train-ae)."""
 
 from __future__ import annotations
 
