@@ -112,7 +112,8 @@ for f in files:
     if f in ("tarflow/model/checkpoint.py", "tarflow/model/tarflow.py"):
         t = re.sub(r"\bload_model\b", "build_from_checkpoint", t)
     t = re.sub(r"(from tarflow\.app\.cli_args import [^\n]*)\bload_model\b", r"\1model_from_args", t)
-    if f.startswith("tarflow/cli/") or f == "tarflow/app/cli_args.py":
+    if (f.startswith("tarflow/cli/") or f == "tarflow/app/cli_args.py"
+            or "from tarflow.app.cli_args import" in t):
         t = re.sub(r"\bload_model\(", "model_from_args(", t)
     # data/prepare.py's "plan" (the manifest before completion) -> its draft, the encoder's word
     # (app/checks/encode.py manifest_draft); the planner alone keeps "plan"; on disk still plan.json

@@ -1,42 +1,7 @@
 #!/usr/bin/env bash
-# Multi-GPU training on one node (or several, with the usual torchrun rendezvous variables)
-# through torchrun, with one Hydra run directory shared by every rank.
-#
+# The launch wrapper ships inside the package (tarflow/launch/torchrun.sh, also reachable as
+# `tarflow-launch torchrun ...` after `pip install`); this copy of the checkout hands over to it.
 #   scripts/launch/torchrun.sh experiment=img64_cond data.root=/data/imagenet64
-#   NPROC=4 NNODES=2 NODE_RANK=0 MASTER_ADDR=host0 scripts/launch/torchrun.sh experiment=...
-#   RUN_DIR=outputs/img64_cond/2026-01-01_00-00-00 scripts/launch/torchrun.sh \
-#       experiment=img64_cond ckpt_path=outputs/img64_cond/2026-01-01_00-00-00/checkpoints/last.ckpt
-#   TRAINER=fsdp scripts/launch/torchrun.sh experiment=img64_cond '~callbacks.ema'   # sharded
-#
-# Why pin hydra.run.dir: every rank resolves ${now:...} by itself, a second apart they would
-# write into different run dirs (and W&B would see different run ids). The directory is computed
-# once here and passed to all ranks.
-#
-# Batch size: data.batch_size is PER DEVICE. The paper's global batch is
-#   global = data.batch_size x NPROC x NNODES
-# e.g. img128_cond (global 768): 8 GPUs x 1 node -> data.batch_size=96; 8 x 2 -> 48;
-# img64_cond (480): 8 x 1 -> 60; img64_uncond / afhq256_cond (256): 8 x 1 -> 32.
-set -euo pipefail
-
-if [ -z "${NPROC:-}" ]; then  # default: every visible GPU
-  NPROC="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)"
-  [ "${NPROC:-0}" -ge 1 ] || NPROC=1
-fi
-NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
-MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
-MASTER_PORT="${MASTER_PORT:-29500}"
-# Name the run dir after the experiment= argument unless TASK is given.
-for arg in "$@"; do case "$arg" in experiment=*) TASK="${TASK:-${arg#experiment=}}" ;; esac; done
-TASK="${TASK:-train}"
-# On several nodes set RUN_DIR yourself (same value on every node), e.g. from a job id.
-RUN_DIR="${RUN_DIR:-outputs/${TASK}/$(date +%Y-%m-%d_%H-%M-%S)}"
-
-echo "torchrun: ${NNODES} node(s) x ${NPROC} process(es); run dir ${RUN_DIR}" >&2
-exec torchrun \
-  --nnodes="${NNODES}" --node_rank="${NODE_RANK}" --nproc_per_node="${NPROC}" \
-  --master_addr="${MASTER_ADDR}" --master_port="${MASTER_PORT}" \
-  -m tarflow.cli.train \
-  trainer="${TRAINER:-ddp}" trainer.devices="${NPROC}" trainer.num_nodes="${NNODES}" \
-  hydra.run.dir="${RUN_DIR}" \
-  "$@"
+#   scripts/launch/torchrun.sh sample ckpt_path=run/checkpoints/last.ckpt num_samples=50000
+# See tarflow/launch/torchrun.sh for the environment variables (NPROC, NNODES, RUN_DIR, ...).
+exec bash "$(dirname "$0")/../../tarflow/launch/torchrun.sh" "$@"

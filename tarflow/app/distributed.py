@@ -155,3 +155,15 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order (None on the others; ``[obj]`` in one
+    process). Pickled: for per-sample features (8 KiB an image), never for images."""
+    if not _active():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -120,7 +120,7 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
-def _in_multirun() -> bool:
+def in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -138,14 +138,14 @@ def one_line_errors() -> Iterator[None]:
             raise ValueError(unwritable)
         yield
     except USER_ERRORS as err:
-        if _in_multirun():
+        if in_multirun():
             raise
         remove_new_run_dir()  # a refused command leaves no empty run directory behind
         if debug_requested():
             raise
         fail(describe(err))
     except SystemExit as stop:  # fail() called by the command itself
-        if stop.code == EXIT_USAGE and not _in_multirun():
+        if stop.code == EXIT_USAGE and not in_multirun():
             remove_new_run_dir()
         raise
 
@@ -168,16 +168,26 @@ def cli_main(hydra_main: Callable[[], T]) -> T:
         # Hydra re-raises instead of printing its own report; in debug mode that gives the
         # complete traceback rather than Hydra's shortened one.
         os.environ.update({"HYDRA_FULL_ERROR": "1", _OURS: "1"})
+    from tarflow.app.hydra_config import resolved_hydra_config
+
     try:
         if debug:
             return hydra_main()
         with one_line_errors():
+            if resolved_hydra_config(hydra_main):  # --cfg hydra --resolve
+                return None  # type: ignore[return-value]
             try:
                 return hydra_main()
             except OSError:  # Hydra could not create hydra.run.dir: say why in one line
                 if (unwritable := run_dir_error()) is None:
                     raise
                 raise ValueError(unwritable) from None
+    except BaseException:
+        # A sweep that a launcher gave up on still gets its table (tarflow.app.sweep_summary).
+        from tarflow.app.sweep_summary import finish_interrupted
+
+        finish_interrupted()
+        raise
     finally:
         for key, value in saved.items():
             if value is None:

@@ -1,4 +1,4 @@
-"""Which sampler ``tarflow-eval`` uses: by default, the one validation used.
+"""Which sampler ``tarflow-eval`` and ``tarflow-sample`` use: by default, the one validation used.
 
 The demo run logs FID 43 (GS-Jacobi with guidance 1 and self-denoising); ``tarflow-eval`` with
 its config's default sampler (sequential, neither) measured 122 on the same checkpoint, and said
@@ -61,6 +61,15 @@ def chosen_on_command_line(overrides: list[str]) -> bool:
     return False
 
 
+def task_overrides() -> list[str]:
+    """The command line's overrides of the running Hydra job (none outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
 def describe(sampler: dict[str, Any] | None) -> str:
     """``gs_jacobi_auto (schedule auto, guidance 1.0, denoise 1.0, ...)`` in one line."""
     if not sampler:
@@ -94,7 +103,7 @@ def sampler_lines(info: dict[str, Any], used: dict[str, Any]) -> list[str]:
     if info["sampler_source"] == "validation":
         return [f"sampler: {describe(used)}, as in validation (recorded in "
                 f"{info['validation_sampler_from']}); sampler=... chooses another"]
-    lines = [f"sampler: {describe(used)}, from the command line / eval config"]
+    lines = [f"sampler: {describe(used)}, from the command line / the command's config"]
     if validation is None:
         lines.append("validation sampler: not recorded with this checkpoint")
     elif validation != {k: used.get(k) for k in validation}:

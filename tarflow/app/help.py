@@ -11,11 +11,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from tarflow.app import launchers as _launchers  # noqa: F401  (the hydra/launcher resolvers)
 from tarflow.conf import CONFIG_DIR
 
 # Config groups that tarflow-train's --help does not offer: eval's sweeps, and the schema
 # presets build on.
-_NOT_TRAIN_OPTIONS = {"hparams_search": None, "hydra": None, "model": {"base"}}
+_NOT_TRAIN_OPTIONS = {"hparams_search": {"gs_jacobi_grid", "guidance_grid", "optuna_sampler"},
+                      "hydra": None, "model": {"base"}}
 
 
 def config_dirs(root: Any = None) -> list[Path]:
@@ -57,3 +59,4 @@ def group_options(*groups: str, _root_: Any = None) -> str:
 
 OmegaConf.register_new_resolver("tarflow_train_groups", train_groups, replace=True)
 OmegaConf.register_new_resolver("tarflow_groups", group_options, replace=True)
+

@@ -13,7 +13,6 @@ gets results, not bar frames.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -85,9 +84,10 @@ def _below_warning(record: logging.LogRecord) -> bool:
 @contextmanager
 def first_process_speaks() -> Iterator[None]:
     """In every process of a multi-process launch but the first (DDP ranks, torchrun, srun:
-    :func:`tarflow.app.runs.is_secondary_process`), printed lines are dropped and the log
-    handlers pass warnings and errors only, so start-up lines and results are said once, by
-    rank 0, not once per rank (into the same console and log file)."""
+    :func:`tarflow.app.runs.is_secondary_process`), the log handlers pass warnings and errors
+    only, so the start-up lines (what will run, the seed, the resume) are said once, by rank 0,
+    not once per rank into the same console and log file. Printed lines stay: a command prints
+    per-rank lines on purpose (``tarflow-encode``: which shards each rank wrote)."""
     from tarflow.app.runs import is_secondary_process
 
     if not is_secondary_process():
@@ -96,15 +96,11 @@ def first_process_speaks() -> Iterator[None]:
     handlers = list(logging.getLogger().handlers)
     for handler in handlers:
         handler.addFilter(_below_warning)
-    stdout = sys.stdout
-    with open(os.devnull, "w") as sink:
-        sys.stdout = sink
-        try:
-            yield
-        finally:
-            sys.stdout = stdout
-            for handler in handlers:
-                handler.removeFilter(_below_warning)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(_below_warning)
 
 
 @contextmanager

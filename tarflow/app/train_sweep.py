@@ -16,16 +16,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from tarflow.app.errors import in_multirun
 from tarflow.app.runs import is_secondary_process, write_keeping_previous
 
 RESULT = "train.json"
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def swept_keys(argv: list[str]) -> list[str]:
@@ -51,7 +45,7 @@ def job_label(job_overrides: list[str], swept: list[str]) -> str:
 def name_sweep_job(cfg: DictConfig) -> None:
     """In a ``--multirun`` job: W&B ``group`` = the sweep (``<task>-<sweep dir name>``) and the
     run's ``name`` = its task and swept values, unless the config sets them itself."""
-    if not _in_multirun():
+    if not in_multirun():
         return
     from hydra.core.hydra_config import HydraConfig
 

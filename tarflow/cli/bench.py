@@ -34,7 +34,7 @@ from tarflow.sampling.knobs import GUIDANCE_KNOBS, KNOBS
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.schedule import INITS
-from tarflow.sampling.settings import parse_sampler
+from tarflow.sampling.settings import SamplerSettings, parse_sampler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,16 +132,24 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
     return methods, (note, ranking)
 
 
-def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int, seed: int,
-                   knobs: dict) -> dict[str, Method]:
+def planned_settings(args, net_dtype: str | None) -> SamplerSettings:
+    """The sampler settings of method ``auto``: the sampler configs' planner with this
+    command's tolerance, guidance and dtype, so a plan (and its cache key) is the one
+    ``tarflow-sample`` / ``tarflow-eval`` make with the same settings."""
+    return parse_sampler({"schedule": "auto", "tol": args.tol, "init": args.init,
+                          "net_dtype": net_dtype,
+                          **{k: getattr(args, k) for k in GUIDANCE_KNOBS}})
+
+
+def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int, seed: int
+                   ) -> dict[str, Method]:
     """Methods whose schedule depends on the batch (the planner's, cached in
     ``--plan-cache``), decided now."""
     out = {}
     cache = PlanCache(args.plan_cache) if args.plan_cache else None
     for name, m in methods.items():
         if m.plan:
-            settings = parse_sampler({"schedule": "auto", "tol": args.tol, "init": args.init,
-                                      "net_dtype": m.net_dtype, **knobs})
+            settings = planned_settings(args, m.net_dtype)
             schedule, plan = settings.schedule_for(model, ranking, batch, cache=cache,
                                                    seed=seed)
             print(f"{name} at batch {batch}: {plan.table()}")
@@ -225,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for B in args.batch:
         noise, y = fixed_inputs(model, range(B), args.seed)  # the set's first B members
         knobs = {k: getattr(args, k) for k in GUIDANCE_KNOBS}
-        decided = decide_methods(args, model, methods, ranking, B, args.seed + 1, knobs)
+        decided = decide_methods(args, model, methods, ranking, B, args.seed + 1)
         methods_b = {**methods, **decided}
         if B == args.batch[0]:
             fid_methods = methods_b  # FID uses the schedules planned for the first batch size

@@ -47,11 +47,14 @@ from omegaconf import DictConfig, OmegaConf
 from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
 from tarflow.app.checks.config_types import check_job_types
 from tarflow.app.checks.startup import describe_processes, probe_trainer
+from tarflow.app.checks.sweeps import check_sweep_job
 from tarflow.app.checks.train import check_config
-from tarflow.app.errors import cli_main, one_line_errors
+from tarflow.app.errors import cli_main, in_multirun, one_line_errors
+from tarflow.app.launchers import cluster_plugins, resume_sweep_job
 from tarflow.app.logs import held_file_log, job_log
 from tarflow.app.runs import Resume, config_changes, describe_changes, resume_argv, save_records
-from tarflow.app.train_sweep import name_sweep_job, write_result
+from tarflow.app.sweep_jobs import run_job
+from tarflow.app.train_sweep import RESULT, name_sweep_job, write_result
 from tarflow.conf import CONFIG_DIR
 from tarflow.eval.fid_at_n import class_grid
 from tarflow.eval.plots import image_grid
@@ -121,6 +124,7 @@ def build(
     plugins = list(instantiate(cfg.trainer.get("plugins") or [], _convert_="all"))
     if not any(isinstance(p, CheckpointIO) for p in plugins):
         plugins.append(AtomicCheckpointIO())
+    plugins += cluster_plugins(plugins)  # a submitit SLURM job: submitit alone requeues
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins, _convert_="all"
     )
@@ -325,7 +329,18 @@ def _record_run(cfg: DictConfig, resume: Resume | None) -> None:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """The Hydra task; returns ``val/nll`` (or ``optimized_metric``) for sweepers."""
+    """The Hydra task; returns ``val/nll`` (or ``optimized_metric``) for sweepers. In a sweep,
+    a failed job is recorded and returns None (:func:`~tarflow.app.sweep_jobs.run_job`)."""
+    return run_job(lambda: _job(cfg))
+
+
+def _job(cfg: DictConfig) -> float | None:
+    # A sweep job that ran before (requeued, or its sweep started again): its result, or its
+    # last checkpoint to continue from (tarflow/app/launchers.py).
+    finished = resume_sweep_job(cfg, RESULT)
+    if finished is not None:
+        print(f"this sweep job had finished: {cfg.paths.output_dir}/{RESULT}; not trained again")
+        return finished.get(cfg.get("optimized_metric", "val/nll"))
     # one_line_errors goes inside the job, so Hydra prints no "Error executing job" line.
     # The log file is held until the start-up checks pass: a refused command writes no train.log.
     with one_line_errors(), job_log(EpochLog.__module__), held_file_log() as release:
@@ -336,6 +351,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             release()
 
         check_job_types(cfg)  # trainer.max_epochs=abc: one line, not a traceback mid-fit
+        if in_multirun():
+            check_sweep_job(cfg.trainer)  # one process per job unless SLURM starts the ranks
         name_sweep_job(cfg)  # --multirun: the W&B group is the sweep, the name its values
         result = train(cfg, on_start=start)
         write_result(result, result["output_dir"])  # the sweep summary's row

@@ -25,6 +25,7 @@ import torch
 from tarflow.eval.fid import FeatureStats, frechet_distance
 from tarflow.eval.inception import InceptionFeatures
 from tarflow.eval.likelihood import progress_bar
+from tarflow.eval.metrics import SampleFeatures, extract
 from tarflow.eval.references import ReferenceStats
 from tarflow.model.space import PixelSpace
 from tarflow.model.tarflow import TarFlow
@@ -66,7 +67,8 @@ def draw_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule | 
                label: Label = None, trace: Callable[[dict], None] | None = None,
                draw: Draw | None = None,
                on_batch: Callable[[SampledBatch, torch.Tensor], None] | None = None,
-               progress: bool = False, desc: str = "sampling") -> SetRun:
+               progress: bool = False, desc: str = "sampling",
+               samples: SampleFeatures | None = None) -> SetRun:
     """Sample the set members ``indices`` in batches, decode each batch to images, hand it to
     ``on_batch(batch, images)`` (files, grids) and, given an ``extractor``, add its features.
 
@@ -76,10 +78,15 @@ def draw_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule | 
         space: decodes a latent model's samples (default: pixels).
         extractor: images (B, C, H, W) in [-1, 1] -> features (B, F); None: no features.
         progress: a progress bar over batches.
+        samples: also keep each member's features (and an extractor's classifier logits)
+            here, keyed by member index, for IS, KID and precision/recall
+            (:mod:`tarflow.eval.metrics`); ``run.features`` is then ``samples.stats``.
     """
     space = space or PixelSpace(net.config)
     run = SetRun(IterationTally(net.config.num_blocks),
                  FeatureStats() if extractor is not None else None)
+    if samples is not None and extractor is not None:
+        run.features = samples.stats
     batches = sample_batches(net, indices, schedule, seed=seed, batch_size=batch_size,
                              knobs=knobs, label=label, trace=trace, draw=draw)
     total = math.ceil(len(indices) / batch_size)
@@ -91,8 +98,11 @@ def draw_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule | 
         run.decode_seconds += t1 - t0
         if on_batch is not None:
             on_batch(batch, images)
-        if run.features is not None:
+        if samples is not None and extractor is not None:
+            samples.update(*extract(extractor, images), indices=batch.indices)
+        elif run.features is not None:
             run.features.update(extractor(images))
+        if run.features is not None:
             run.feature_seconds += time.perf_counter() - t1
     return run
 

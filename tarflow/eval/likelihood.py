@@ -32,12 +32,15 @@ def progress_bar(iterable, total: int, enabled: bool, desc: str):
 
 
 def _mean_over(dataset: Dataset, score: Callable, *, batch_size: int, max_images: int | None,
-               progress: bool, desc: str) -> tuple[float, int, float]:
-    """(mean of ``score(x, y, start)`` over the first ``max_images`` items, items, seconds)."""
+               progress: bool, desc: str,
+               shard: tuple[int, int] = (0, 1)) -> tuple[float, int, float]:
+    """(mean of ``score(x, y, start)`` over the first ``max_images`` items, items, seconds);
+    ``shard`` = (rank, ranks): only every ranks-th batch from the rank-th (the noise of image
+    j depends on j alone, so the ranks' means weighted by their items give the whole mean)."""
     count = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     total, seen = 0.0, 0
     t0 = time.perf_counter()
-    starts = range(0, count, batch_size)
+    starts = range(0, count, batch_size)[shard[0]::shard[1]]
     for start in progress_bar(starts, len(starts), progress, desc):
         x, y = stack_items(dataset, range(start, min(start + batch_size, count)))
         values = score(x, y, start)  # (B,)
@@ -56,7 +59,8 @@ def _per_image(x: torch.Tensor, seed: int, start: int, noise: Callable) -> torch
 @torch.no_grad()
 def bits_per_dim(net: TarFlow, dataset: Dataset, *, batch_size: int,
                  max_images: int | None = None, seed: int = 0,
-                 progress: bool = False) -> dict[str, float]:
+                 progress: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Mean ``val/bpd`` over (the first ``max_images`` of) a dataset, uniform dequantisation;
     also the images scored (``bpd_images``) and the seconds taken (``bpd_seconds``)."""
     param = next(net.parameters())
@@ -67,14 +71,15 @@ def bits_per_dim(net: TarFlow, dataset: Dataset, *, batch_size: int,
         return net.bits_per_dim(x.to(param.device, param.dtype), labels)
 
     mean, seen, seconds = _mean_over(dataset, score, batch_size=batch_size,
-                                     max_images=max_images, progress=progress, desc="bpd")
+                                     max_images=max_images, progress=progress, desc="bpd",
+                                     shard=shard)
     return {"val/bpd": mean, "bpd_images": seen, "bpd_seconds": seconds}
 
 
 @torch.no_grad()
 def latent_nll(net: TarFlow, space: PixelSpace, dataset: Dataset, *, batch_size: int,
                max_images: int | None = None, seed: int = 0,
-               progress: bool = False) -> dict[str, float]:
+               progress: bool = False, shard: tuple[int, int] = (0, 1)) -> dict[str, float]:
     """Mean ``val/latent_nll`` of a latent model: images encoded by its autoencoder, plus the
     training noise sigma in latent space, scored by the flow in nats per latent dimension (the
     training objective; a latent model has no pixel bits/dim)."""
@@ -89,7 +94,7 @@ def latent_nll(net: TarFlow, space: PixelSpace, dataset: Dataset, *, batch_size:
 
     mean, seen, seconds = _mean_over(dataset, score, batch_size=batch_size,
                                      max_images=max_images, progress=progress,
-                                     desc="latent nll")
+                                     desc="latent nll", shard=shard)
     return {"val/latent_nll": mean, "latent_nll_images": seen, "latent_nll_seconds": seconds}
 
 

@@ -21,7 +21,6 @@ count and provenance (format, path, SHA-256) travel with them in :class:`Referen
 
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 import zipfile
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from tarflow.eval.fid import FeatureStats, stats_from_batches
+from tarflow.eval.inception import file_sha256 as _sha256
 
 TORCHMETRICS_KEYS = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 # The official statistics are named {dataset}_{img_size}_fid_stats.pth: the only place their
@@ -83,14 +83,6 @@ class ReferenceStats:
     def from_feature_stats(cls, stats: FeatureStats, **meta: Any) -> ReferenceStats:
         mu, sigma = stats.mean_cov()
         return cls(mu, sigma, stats.count, {**stats.meta, **meta, "num_samples": stats.count})
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _from_torchmetrics(state: dict, path: Path) -> tuple[np.ndarray, np.ndarray, int]:

@@ -6,6 +6,10 @@ The module only wires ring-1 datasets into DataLoaders. Two choices matter for r
   ``(seed, epoch)``. Lightning calls ``set_epoch`` on it every epoch, so a run resumed from an
   end-of-epoch checkpoint sees exactly the batches an uninterrupted run would have seen; a
   ``RandomSampler`` would restart its generator on resume.
+* The training loader is resumable (:class:`ResumableLoader`, Lightning's ``state_dict`` /
+  ``load_state_dict`` interface): a checkpoint records the epoch and the batches consumed in it,
+  so a run resumed from a mid-epoch checkpoint (``trainer.val_check_interval`` < 1) skips the
+  batches already trained on and continues with the ones the uninterrupted run saw next.
 * Under DDP the sampler shards that order round-robin over ranks, so the union of the per-rank
   batches at step k is the single-process batch k of size ``world * batch_size``; the global
   batch, not the per-device one, is what a run is defined by.
@@ -65,6 +69,7 @@ class EpochShuffleSampler(DistributedSampler):
         self.rank = int(rank)
         self.drop_last = drop_last
         self.epoch = 0
+        self.start = 0  # positions of this rank's share the next iteration skips (resume)
         if drop_last:
             self.num_samples = self.length // self.num_replicas
         else:
@@ -87,7 +92,54 @@ class EpochShuffleSampler(DistributedSampler):
             reps = math.ceil(self.total_size / max(1, len(order)))
             order = (order * reps)[: self.total_size]
         order = order[: self.total_size]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        start, self.start = self.start, 0  # once: the resumed epoch, not the ones after it
+        return iter(order[self.rank : self.total_size : self.num_replicas][start:])
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position in the epoch goes into checkpoints.
+
+    ``consumed`` counts the batches the training loop took this epoch (the datamodule adds one
+    per training batch); :meth:`position` is what a checkpoint records, and :meth:`resume_at`
+    makes the next iteration skip those batches in the sampler, so no image is read twice and
+    none is missed. The datamodule saves and restores the position (its own ``state_dict``):
+    Lightning restores the datamodule before it first builds this loader, whereas its call of
+    a loader's ``load_state_dict`` is skipped when the loader was built early (a cosine
+    schedule asks for ``estimated_stepping_batches``), so that call does nothing here; the
+    method exists so Lightning counts the loader as resumable.
+
+    Args:
+        *args, **kwargs: as for ``DataLoader``; ``sampler`` must be an
+            :class:`EpochShuffleSampler` and ``batch_size`` set.
+        epoch_batches: the batches an epoch trains on (Lightning's ``num_training_batches``,
+            which ``limit_train_batches`` may cut): a checkpoint after the last one is an
+            end-of-epoch checkpoint, resumed at the next epoch's start.
+    """
+
+    def __init__(self, *args: Any, epoch_batches: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.epoch_batches = epoch_batches or (lambda: len(self))
+        self.consumed = 0
+
+    def __iter__(self):
+        self.consumed = self.sampler.start // self.batch_size
+        return super().__iter__()
+
+    def position(self) -> dict[str, int]:
+        """The epoch to resume in and the batches of it already trained on."""
+        if self.consumed >= self.epoch_batches():
+            return {"epoch": self.sampler.epoch + 1, "batches": 0}
+        return {"epoch": self.sampler.epoch, "batches": self.consumed}
+
+    def resume_at(self, position: dict[str, int]) -> None:
+        self.sampler.set_epoch(int(position["epoch"]))
+        self.sampler.start = int(position["batches"]) * self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Nothing: the datamodule has restored the position (see the class docstring)."""
 
 
 class TarFlowDataModule(L.LightningDataModule):
@@ -156,6 +208,8 @@ class TarFlowDataModule(L.LightningDataModule):
         self.val_split = val_split
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._resume: dict[str, int] | None = None  # the checkpoint's data position
 
     def _build(self, split: str, extra: dict[str, Any]) -> Dataset:
         ds = build_dataset(
@@ -196,7 +250,10 @@ class TarFlowDataModule(L.LightningDataModule):
         sampler = EpochShuffleSampler(
             len(ds), seed=self.seed, shuffle=train, num_replicas=world, rank=rank
         )
-        return DataLoader(
+        extra: dict[str, Any] = {}
+        if train and trainer is not None:
+            extra["epoch_batches"] = lambda: trainer.num_training_batches
+        return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=batch_size,
             sampler=sampler,
@@ -205,12 +262,33 @@ class TarFlowDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers,
             # Never drop validation images: val/bpd must cover the whole split.
             drop_last=self.drop_last and train and len(ds) >= batch_size,
+            **extra,
         )
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, train=True)
+        self._train_loader = self._loader(self.train_set, self.batch_size, train=True)
+        if self._resume is not None:
+            self._train_loader.resume_at(self._resume)
+            self._resume = None
+        return self._train_loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position (saved in every checkpoint)."""
+        loader = self._train_loader
+        return {} if loader is None else {"train_position": loader.position()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the training loader is built, which then resumes at the position."""
+        self._resume = state_dict.get("train_position")
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training batches taken: the data position a checkpoint records."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.consumed += 1
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

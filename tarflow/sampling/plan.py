@@ -293,11 +293,16 @@ def fingerprint(model: TarFlow) -> str:
 
 def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
              net_dtypes: tuple[str, ...] = (), precision_gate: bool = True,
-             weights: bool = True) -> dict[str, Any]:
-    """What decides a plan. ``weights=False`` keys on the architecture only (training, where a
-    plan is reused until :func:`ranking_moved` says otherwise). ``net_dtypes`` and
-    ``precision_gate`` are :func:`plan_schedule`'s: the same dtypes with and without the
-    accuracy check may choose differently."""
+             weights: bool = True, options: PlannerOptions = PlannerOptions()) -> dict[str, Any]:
+    """What decides a plan: the one place a plan-cache key is built (every command and the
+    validation callback reach it through ``SamplerSettings.plan_key``).
+
+    ``weights=False`` keys on the architecture only (training, where a plan is reused until
+    :func:`ranking_moved` says otherwise). ``net_dtypes`` and ``precision_gate`` are
+    :func:`plan_schedule`'s: the same dtypes with and without the accuracy check may choose
+    differently. Guidance enters by every knob (``tarflow.sampling.knobs``) and the planner's
+    options by every field, defaults included, so that settings which plan alike key alike
+    however they were written."""
     param = next(model.parameters())
     cfg = model.config
     return {"model": f"weights:{fingerprint(model)}" if weights else f"config:{cfg.tag}",
@@ -307,6 +312,8 @@ def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
             "net_dtypes": sorted(net_dtypes), "precision_gate": bool(precision_gate),
             "tol": float(tol), "version": PLAN_VERSION,
             "guidance": knobs_of(guidance),
+            "planner": {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in sorted(asdict(options).items())},
             "torch": torch.__version__}
 
 

@@ -59,6 +59,7 @@ from tarflow.sampling.plan import BlockPlan, Candidate, Plan, PlannerOptions, Pr
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.ranking import BlockRank
 from tarflow.sampling.sample import precision_errors
+from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.schedule import (
     SEQUENTIAL,
     BlockSchedule,
@@ -210,11 +211,11 @@ class _Planner:
         return self.plan({b: self.close(b, labels)[0] for b, labels in alive.items()}, noise)
 
     def inputs(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Probe noise and labels of round ``r`` (other noise every round)."""
-        cfg = self.model.config
-        g = torch.Generator().manual_seed(self.seed + 7919 * r)
-        noise = self.model.sample_noise(self.batch, generator=g, dtype=torch.float32)
-        y = torch.randint(cfg.num_classes, (self.batch,), generator=g) if cfg.conditional else None
+        """Probe noise and labels of round ``r``: members ``r * B .. (r + 1) * B - 1`` of the
+        fixed sample set of seed ``seed`` (:func:`fixed_inputs`, the source every sampling
+        command draws from; other members every round)."""
+        members = range(r * self.batch, (r + 1) * self.batch)
+        noise, y = fixed_inputs(self.model, members, self.seed)
         return noise.to(self.device, self.dtype), None if y is None else y.to(self.device)
 
     def try_candidate(self, block, x: torch.Tensor, y, cand: BlockSchedule) -> None:

@@ -98,6 +98,13 @@ class SamplerSettings:
     def guidance(self) -> Guidance:
         return guidance_of(self.knobs)
 
+    @property
+    def planner_options(self) -> PlannerOptions:
+        """The planner's knobs: ``planner`` over the defaults, the ``auto`` rule's
+        ``tough_factor`` as its prior."""
+        tough = float(self.auto.get("tough_factor", PlannerOptions.tough_factor))
+        return PlannerOptions(**{"tough_factor": tough, **self.planner})
+
     def resolve(self, ranking: list[BlockRank] | None, num_patches: int) -> SamplingSchedule:
         """The schedule of a fixed or ``auto:paper`` sampler (the planner needs
         :meth:`schedule_for`).
@@ -135,7 +142,8 @@ class SamplerSettings:
         """The schedule to sample ``batch_size`` at a time with, and the plan behind it.
 
         For ``schedule: auto`` the plan comes from ``cache`` when one was made for the same key
-        (:func:`plan_key`: weights or architecture, device, batch, dtypes, tolerance, guidance)
+        (:func:`plan_key`: weights or architecture, device, batch, dtypes, tolerance, guidance,
+        planner options)
         and, for an architecture key, under a ranking that has not moved since
         (:func:`ranking_moved`); otherwise it is measured (:func:`plan_schedule`) and stored.
 
@@ -150,9 +158,8 @@ class SamplerSettings:
         key = self.plan_key(net, batch_size, weights=weights)
         shares = {r.block: r.share for r in ranking} if ranking else None
         plan = cache.get(key) if cache is not None else None
-        tough = float(self.auto.get("tough_factor", 1.5))
-        if plan is None or ranking_moved(plan.shares, shares, tough_factor=tough):
-            options = PlannerOptions(**{"tough_factor": tough, **self.planner})
+        options = self.planner_options
+        if plan is None or ranking_moved(plan.shares, shares, tough_factor=options.tough_factor):
             plan = plan_schedule(net, ranking, batch_size=batch_size, tol=self.tol,
                                  guidance=self.guidance, net_dtypes=allowed,
                                  precision_gate=gate, seed=seed, options=options, timer=timer)
@@ -162,14 +169,12 @@ class SamplerSettings:
         return plan.schedule, plan
 
     def plan_key(self, net: TarFlow, batch_size: int, *, weights: bool = True) -> dict[str, Any]:
-        """The cache key of this sampler's plans for ``net`` at ``batch_size`` (the planner's
-        own knobs included: other knobs may choose otherwise)."""
+        """The cache key of this sampler's plans for ``net`` at ``batch_size``
+        (:func:`plan_key`, the one place a key is built)."""
         allowed, gate = self.planner_net_dtypes
-        key = plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
-                       net_dtypes=allowed, precision_gate=gate, weights=weights)
-        tough = {"tough_factor": float(self.auto.get("tough_factor", 1.5))}
-        return {**key, "planner": {**tough, **{k: list(v) if isinstance(v, tuple) else v
-                                               for k, v in sorted(self.planner.items())}}}
+        return plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
+                        net_dtypes=allowed, precision_gate=gate, weights=weights,
+                        options=self.planner_options)
 
 
 def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:

@@ -51,10 +51,12 @@ def checkpoint(tmp_path_factory) -> Path:
 def compose_cfg(name: str, tmp_path: Path, overrides: list[str], *,
                 hydra_node: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()
+    # An evaluation's W&B run costs seconds; tests/integration/test_eval_ranks.py checks it.
+    quiet = ["log.wandb=false"] if name == "eval" else []
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(name, overrides=[f"paths.root_dir={tmp_path}",
                                         f"paths.output_dir={tmp_path / 'out'}", "device=cpu",
-                                        "progress=false", *overrides],
+                                        "progress=false", *quiet, *overrides],
                        return_hydra_config=hydra_node)
 
 
@@ -69,7 +71,7 @@ def test_sample_writes_pngs_npz_grid_and_summary(tmp_path: Path, checkpoint: Pat
     npz = np.load(out / "samples.npz")
     assert npz["arr_0"].shape == (3, 8, 8, 1) and npz["arr_0"].dtype == np.uint8
     assert npz["indices"].tolist() == list(range(3))
-    assert set(npz["labels"].tolist()) <= {0, 1, 2}
+    assert set(npz["arr_1"].tolist()) <= {0, 1, 2}
     assert (out / "grid.png").is_file()
     summary = json.loads((out / "sample_summary.json").read_text())
     assert summary["num_samples"] == 3 and summary["schedule"] == "jacobi:3"
@@ -78,7 +80,7 @@ def test_sample_writes_pngs_npz_grid_and_summary(tmp_path: Path, checkpoint: Pat
     # Sample i is the validation set's member i: the same noise and label, whatever the batching.
     net = TarFlow.from_checkpoint(checkpoint)
     noise, y = fixed_inputs(net, [2], seed=0)
-    assert int(npz["labels"][2]) == int(y[0])
+    assert int(npz["arr_1"][2]) == int(y[0])
     alone = ring1_sample(net, noise, y, build_schedule("jacobi:3"))[0]
     pixels = ((alone[0, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     assert np.abs(pixels.astype(int) - npz["arr_0"][2, ..., 0].astype(int)).max() <= 1
@@ -96,7 +98,7 @@ def test_sample_auto_schedule_ranks_a_probe_batch(tmp_path: Path, checkpoint: Pa
     assert "planned in" in out and "seq" in out  # the table lists the sequential candidate
     assert result["plan"]["schedule"] == result["schedule"]
     assert result["speedup_vs_planned_sequential"] > 0
-    assert np.load(tmp_path / "out" / "samples.npz")["labels"].tolist() == [2, 2, 2]
+    assert np.load(tmp_path / "out" / "samples.npz")["arr_1"].tolist() == [2, 2, 2]
     # The same weights, device, batch and settings: the plan comes from the cache, unranked.
     cfg.out_dir = str(tmp_path / "again")
     result = sample.run(cfg)

@@ -61,6 +61,21 @@ def test_wheel_holds_every_config(installed: dict) -> None:
     assert expected <= names, sorted(expected - names)[:10]
 
 
+def test_wheel_holds_the_launch_wrappers(installed: dict) -> None:
+    """torchrun and SLURM wrappers reach wheel users (scripts/ is not in the wheel)."""
+    names = set(zipfile.ZipFile(installed["wheel"]).namelist())
+    assert {"tarflow/launch/torchrun.sh", "tarflow/launch/slurm.sbatch"} <= names
+    script = installed["target"] / "bin" / "tarflow-launch"
+    for name, marker in (("torchrun", "exec torchrun"), ("slurm", "#SBATCH --ntasks-per-node")):
+        where = _run([sys.executable, str(script), "path", name], cwd=installed["work"],
+                     env=installed["env"])
+        assert where.returncode == 0, where.stderr[-2000:]
+        path = Path(where.stdout.strip())
+        assert path.is_relative_to(installed["target"]) and marker in path.read_text()
+        # Both take the command first: sample and eval launch like training.
+        assert "sample) MODULE=tarflow.cli.sample" in path.read_text()
+
+
 def test_installed_package_is_the_one_imported(installed: dict) -> None:
     out = _run([sys.executable, "-c", "import tarflow.conf as c; print(c.CONFIG_DIR)"],
                cwd=installed["work"], env=installed["env"])

@@ -135,4 +135,15 @@ Issue 22, runs safe round 2 (``tb`` = tr/test_refusals_before_records.py):
    ``::test_the_sampling_callback_records_its_sampler``, ``::test_a_runs_records_stand_in_for_
    older_checkpoints``
 8. ``--help`` and warnings in train.log: ``tr/test_train_help_and_log.py``
+
+Issue 30, round 3 (defects 1, 3, 9, 11, 12):
+
+1. FID references keyed by the source's files: ``tr/test_fid_reference_source.py``
+3. Resume from a mid-epoch checkpoint: ``tr/test_resume_mid_epoch.py``
+9. Resuming a finished run is refused, records untouched: ``tr/test_resume_finished.py``
+11. A split prepared later joins the set: ``tr/test_prepare_input.py::test_a_split_prepared_
+    later_joins_the_set``, ``::test_an_interrupted_added_split_resumes``
+12. ``--img-size`` the source cannot give, 0, or a set larger than the disk:
+    ``tr/test_prepare_input.py::test_sizes_the_source_cannot_give_are_refused_before_writing``,
+    ``::test_a_set_larger_than_the_free_disk_space_is_refused``
 """

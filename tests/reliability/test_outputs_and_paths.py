@@ -236,23 +236,26 @@ def test_help_lists_the_users_config_dir(files: dict[str, Path]) -> None:
 
 def test_secondary_processes_are_quiet(monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture) -> None:
-    """What a command prints and logs while it starts is said by the first process only (every
-    DDP rank used to print its start-up lines and results); warnings still come from all."""
+    """The start-up lines a command logs are said by the first process only (every DDP rank
+    logged them into the same console and log file); warnings still come from all."""
     log = logging.getLogger("tarflow.test_quiet")
     handler = logging.StreamHandler()  # stderr, as captured by capsys
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     try:
         for rank_env, said in (("0", True), ("1", False)):
             monkeypatch.setenv("LOCAL_RANK", rank_env)
             with job_log():
-                print("printed line")
+                log.info("start-up line")
                 log.warning("a warning")
-                logging.getLogger().info("start-up line")
-            captured = capsys.readouterr()
-            assert ("printed line" in captured.out) == said, (rank_env, captured)
-            assert "a warning" in captured.err
+            err = capsys.readouterr().err
+            assert ("start-up line" in err) == said, (rank_env, err)
+            assert "a warning" in err
     finally:
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def test_readme_names_runnable_modules() -> None:

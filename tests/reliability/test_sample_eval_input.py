@@ -179,49 +179,59 @@ def test_sampling_into_a_folder_with_samples_is_refused_or_overwritten(
     files: dict[str, Path], sample_folder: Path, tmp_path: Path
 ) -> None:
     folder = _copy(sample_folder, tmp_path)
+    # A user's own files beside the samples, named like the command's (issue 30 item 2).
+    users = {"samples_backup.npz": b"mine", "grid_final.png": b"mine too",
+             "sample_summary_notes.json": b"{}", "samples/notes.png": b"not a sample"}
+    for name, data in users.items():
+        (folder / name).write_bytes(data)
     before = snapshot(folder)
     base = [f"ckpt_path={files['uncond']}", *QUIET, "num_samples=4", "sampler=jacobi",
             f"hydra.run.dir={folder}"]
     refused = run_cli("sample", *base, "seed=3", cwd=tmp_path)
-    assert_one_line_error(refused, "already holds samples", "6 PNGs (000000..000005)",
-                          "if_exists=overwrite", "if_exists=append first_index=6")
+    assert_one_line_error(refused, "already holds samples", "sample_job.json of 6 samples",
+                          "if_exists=resume", "if_exists=overwrite")
     assert snapshot(folder) == before
     replaced = run_cli("sample", *base, "seed=3", "if_exists=overwrite", cwd=tmp_path)
     assert replaced.code == 0, replaced.err[-3000:]
     assert sorted(p.name for p in (folder / "samples").iterdir()) == [
-        f"{i:06d}.png" for i in range(4)]
+        f"{i:06d}.png" for i in range(4)] + ["notes.png"]
+    assert sorted(p.name for p in (folder / "shards").iterdir()) == ["000000-000003.npz"]
+    for name, data in users.items():  # only what the records listed was deleted
+        assert (folder / name).read_bytes() == data, name
     summary = json.loads((folder / "sample_summary.json").read_text())
-    assert summary["num_samples"] == 4 and summary["job"]["seed"] == 3
+    assert summary["num_samples"] == 4 and summary["seed"] == 3
     # The earlier job's records are kept beside this one's; sample.log holds both reports.
     assert (folder / ".hydra" / "config.yaml").read_bytes() == before[".hydra/config.yaml"]
     assert "seed: 3" in (folder / ".hydra" / "1" / "config.yaml").read_text()
     assert (folder / "sample.log").read_text().count(" samples with ") == 2
 
 
-def test_appending_a_shard_of_the_same_set(
+def test_resume_continues_only_the_same_set(
     files: dict[str, Path], sample_folder: Path, tmp_path: Path
 ) -> None:
+    """``if_exists=resume`` into a folder of another set is one line naming the key, before
+    anything is written; ``append`` (which accepted another sampler) says what replaced it."""
     folder = _copy(sample_folder, tmp_path)
-    base = [f"ckpt_path={files['uncond']}", *QUIET, "num_samples=3", "if_exists=append",
-            f"hydra.run.dir={folder}"]
-    overlap, other_seed = run_clis([("sample", [*base, "first_index=4"]),
-                                    ("sample", [*base, "first_index=6", "seed=1"])], cwd=tmp_path)
-    assert_one_line_error(overlap, "already holds samples 4..5", "first_index=6")
-    assert_one_line_error(other_seed, "sample_summary.json", "other seed")
-    appended = run_cli("sample", *base, "first_index=6", cwd=tmp_path)
-    assert appended.code == 0, appended.err[-3000:]
-    assert sorted(p.name for p in (folder / "samples").iterdir()) == [
-        f"{i:06d}.png" for i in range(9)]
-    shard = json.loads((folder / "sample_summary_000006-000008.json").read_text())
-    assert shard["indices"] == [6, 8]
-    assert json.loads((folder / "sample_summary.json").read_text())["indices"] == [0, 5]
-    # Sample 7 of the shard is sample 7 of one job drawing 0..8: shards make the same set.
-    whole = tmp_path / "whole"
-    run = run_cli("sample", f"ckpt_path={files['uncond']}", *QUIET, "num_samples=9",
-                  f"hydra.run.dir={whole}", cwd=tmp_path)
-    assert run.code == 0, run.err[-3000:]
-    assert (whole / "samples" / "000007.png").read_bytes() == (
-        folder / "samples" / "000007.png").read_bytes()
+    before = snapshot(folder)
+    base = [f"ckpt_path={files['uncond']}", *QUIET, "num_samples=6", f"hydra.run.dir={folder}"]
+    seed, sampler, count, append = run_clis([
+        ("sample", [*base, "if_exists=resume", "seed=1"]),
+        ("sample", [*base, "if_exists=resume", "sampler=jacobi"]),
+        ("sample", [*base[:-2], "num_samples=9", base[-1], "if_exists=resume"]),
+        ("sample", [*base, "if_exists=append"])], cwd=tmp_path)
+    assert_one_line_error(seed, "if_exists=resume", "another sample set", "seed: 0 there, 1 here")
+    assert_one_line_error(sampler, "another sample set", "sampler.name: 'sequential' there, "
+                                                         "'jacobi' here")
+    assert_one_line_error(count, "num_samples: 6 there, 9 here")
+    assert_one_line_error(append, "if_exists=append", "replaced by if_exists=resume")
+    assert snapshot(folder) == before
+    # The same set: nothing is missing, so nothing is drawn; the outputs are assembled again.
+    shards = {p.name: p.read_bytes() for p in (folder / "shards").iterdir()}
+    again = run_cli("sample", *base, "if_exists=resume", cwd=tmp_path)
+    assert again.code == 0, again.err[-3000:]
+    assert "(0 drawn now, the rest resumed)" in again.out, again.out
+    assert {p.name: p.read_bytes() for p in (folder / "shards").iterdir()} == shards
+    assert (folder / "samples" / "000005.png").read_bytes() == before["samples/000005.png"]
 
 
 # ----------------------------------------------------------------------------- item 10

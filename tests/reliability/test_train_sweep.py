@@ -65,4 +65,4 @@ def test_a_failed_job_has_a_row_saying_so(tmp_path: Path) -> None:
     lines = summary_table(tmp_path, "train.json").splitlines()
     assert lines[0] == "| job | module.optim.lr | val/nll | train/loss | minutes |"
     assert lines[2] == "| 0 | 0.001 | 1.25 | 0.5 | 1.5 |"
-    assert lines[3].startswith("| 1 | - | failed: no train.json |")
+    assert lines[3].startswith("| 1 | - | failed: no train.json (killed? see the job's log) |")

@@ -3,9 +3,10 @@
 - Ring 1 (``model``, ``sampling``, ``data``, ``eval``): every module, not only the packages,
   imports without Lightning, Hydra, OmegaConf or W&B.
 - Ring 2 (``lit``): every module needs Lightning (framework-free code belongs in ring 1).
-- Ring 3 (``app`` + ``cli``): at most 28% of the package's lines (26% when the cap was set);
-  ``cli`` holds one module per console script and nothing else, nothing imports ``tarflow.cli``;
-  what the commands share lives in ``app``.
+- Ring 3 (``app`` + ``cli`` + ``launch``): at most 34% of the package's lines (32.5% when the
+  cap was set); ``cli`` holds one module per console script and nothing else (``tarflow-launch``
+  lives with the wrappers it ships, in ``launch``), nothing imports ``tarflow.cli``; what the
+  commands share lives in ``app``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import tarflow
 
 PACKAGE = Path(tarflow.__file__).parent
 RING_ONE = ("model", "sampling", "data", "eval")
+RING_THREE = ("app", "cli", "launch")
+# Console scripts outside cli/: tarflow-launch sits with the wrapper files it ships.
+SCRIPTS_OUTSIDE_CLI = {"tarflow.launch"}
 FRAMEWORKS = ("lightning", "pytorch_lightning", "hydra", "omegaconf", "wandb")
 
 
@@ -75,9 +79,9 @@ def _lines(paths) -> int:
 
 def test_ring_three_is_thin() -> None:
     total = _lines(PACKAGE.rglob("*.py"))
-    ring3 = _lines((PACKAGE / "app").rglob("*.py")) + _lines((PACKAGE / "cli").rglob("*.py"))
-    assert 0 < ring3 <= 0.28 * total, (
-        f"app/ + cli/ hold {ring3} of {total} lines ({ring3 / total:.0%}); move logic to ring 1")
+    ring3 = sum(_lines((PACKAGE / ring).rglob("*.py")) for ring in RING_THREE)
+    assert 0 < ring3 <= 0.34 * total, (
+        f"ring 3 holds {ring3} of {total} lines ({ring3 / total:.0%}); move logic to ring 1")
 
 
 def test_cli_is_one_module_per_console_script() -> None:
@@ -86,6 +90,7 @@ def test_cli_is_one_module_per_console_script() -> None:
     section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
     targets = set(re.findall(r'^[\w-]+\s*=\s*"([\w.]+):\w+"', section, flags=re.M))
     assert len(targets) >= 10, targets
+    targets -= SCRIPTS_OUTSIDE_CLI
     modules = set(_modules(PACKAGE / "cli")) - {"tarflow.cli"}
     assert modules == targets, (
         f"cli/ modules that are no console script (shared code goes to app/): "

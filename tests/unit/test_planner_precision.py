@@ -13,6 +13,7 @@ import torch
 import tarflow.sampling.planner as planner_module
 from tarflow.model import Guidance
 from tarflow.sampling import SEQUENTIAL, BlockSchedule, Plan, PlanCache, relative_residual, sample
+from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.settings import parse_sampler
 from tests.unit.conftest import make_model
 from tests.unit.test_planner import RANKING
@@ -75,9 +76,7 @@ def test_default_auto_considers_bf16_and_keeps_it_where_faster_and_accurate(pass
     # The recorded errors are the tolerance metric, on the first probe noise, between this plan
     # and it in full precision, and between that and the sequential loop (the bound).
     model = _model()
-    g = torch.Generator().manual_seed(0)
-    noise = model.sample_noise(2, generator=g, dtype=torch.float32)
-    y = torch.randint(3, (2,), generator=g)
+    noise, y = fixed_inputs(model, range(2), 0)  # the planner's probe: members 0, 1 of the set
     low = sample(model, noise, y, plan.schedule, guidance=1.0)[0]
     full = sample(model, noise, y, plan.schedule.with_settings(net_dtype=None), guidance=1.0)[0]
     exact = sample(model, noise, y, guidance=1.0)[0]

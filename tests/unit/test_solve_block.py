@@ -142,3 +142,10 @@ def test_the_plan_key_holds_every_guidance_knob_and_planner_option():
     linear = plan_key(model, guidance=Guidance(1.0, 0.5), **base)
     assert plan_key(model, guidance=Guidance(1, 0.5), **base) == linear  # int or float alike
     assert plan_key(model, guidance=Guidance(1.0, 0.5, rule="starflow"), **base) != linear
+    # A sampler that writes the planner's defaults out keys as one that leaves them unset.
+    written = parse_sampler({"schedule": "auto", "planner": {"rounds": 3, "keep": 1.5,
+                                                             "segments": [2, 4, 8, 16]}})
+    unset = parse_sampler({"schedule": "auto"})
+    assert written.plan_key(model, 2) == unset.plan_key(model, 2)
+    assert parse_sampler({"schedule": "auto", "planner": {"rounds": 2}}).plan_key(
+        model, 2) != unset.plan_key(model, 2)

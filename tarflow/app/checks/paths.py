@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 # Config keys that name a file or folder (when present): ``~`` in their values is expanded once
 # here, so the checks and every loader after them (Lightning's resume included) read one path.
 PATH_KEYS = ("ckpt_path", "init_from", "autoencoder_path", "out_dir", "fid.stats_path",
-             "fid.inception_weights", "data.root", "probe.root")
+             "fid.inception_weights", "data.root", "probe.root", "samples")
 
 
 def expand_user_paths(cfg: DictConfig, keys: tuple[str, ...] = PATH_KEYS) -> None:

@@ -10,32 +10,46 @@ was ignored. Each problem raises one ``ValueError`` naming the key; the CLIs pri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from tarflow.app.checks.common import check_device, check_dtype, checkpoint_file
+from tarflow.app.checks.eval_inputs import check_adm_reference, check_ranks, check_samples
 from tarflow.app.checks.paths import check_writable, expand_user_paths
 from tarflow.app.checks.sampler import check_fid_reference, check_sampler, normalise_schedule
+from tarflow.app.distributed import World
 from tarflow.app.sample_outputs import check_out_dir
+from tarflow.app.sample_shards import file_fingerprint, set_identity
 from tarflow.conf import CONFIG_DIR
 from tarflow.model import CheckpointSummary, describe_checkpoint, weights_mismatch
 from tarflow.model.autoencoder import locate, resolve_autoencoder
 from tarflow.model.checkpoint import mismatch_error
+from tarflow.model.loading import pick_device
 from tarflow.model.space import make_space
 
 FORMATS = ("png", "npz", "both")
 
 
-def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
+@dataclass
+class SampleCheck:
+    """What :func:`check_sample_config` found: the checkpoint, and on rank 0 the set's identity
+    and the recorded job that ``if_exists=resume`` continues (None: a fresh job)."""
+
+    summary: CheckpointSummary
+    identity: dict[str, Any] | None = None
+    resumed: dict[str, Any] | None = None
+
+
+def check_sample_config(cfg: DictConfig, world: World | None = None) -> SampleCheck:
     """Refuse a ``tarflow-sample`` config that cannot work (see the module doc).
 
-    Also normalises ``sampler.schedule`` (a list from an unquoted ``[...]``) in place.
-
-    Returns:
-        The checkpoint's summary.
+    Also normalises ``sampler.schedule`` (a list from an unquoted ``[...]``) in place. Only rank
+    0 of a launch (``world``) checks the output folder (the others would see rank 0's files).
     """
+    world = world or World()
     _check_keys(cfg, "sample")
     expand_user_paths(cfg)
     check_writable("out_dir", cfg.out_dir, folder=True)
@@ -43,14 +57,17 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
     check_autoencoder(summary, cfg.get("autoencoder_path"))
     model = summary.config
     n = _at_least(cfg, "num_samples", 1)
+    if world.size > n:
+        raise ValueError(f"num_samples={n} is fewer than the {world.size} ranks of this launch: "
+                         f"each rank needs at least one sample; start fewer processes")
     _at_least(cfg, "batch_size", 1)
-    first = _at_least(cfg, "first_index", 0)
+    _at_least(cfg, "shard_size", 1)
     check_device(cfg.get("device"))
     check_dtype(cfg.get("dtype"))
     fmt = str(cfg.get("format", "png"))
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r} must be one of {FORMATS}")
-    _at_least(cfg, "grid_size", 0)
+    grid_size = _at_least(cfg, "grid_size", 0)
     normalise_schedule(cfg.sampler)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     check_sampler(sampler, model, guidance_must_work=True)
@@ -62,10 +79,16 @@ def check_sample_config(cfg: DictConfig) -> CheckpointSummary:
         if not 0 <= int(label) < model.num_classes:
             raise ValueError(f"label={label} is outside the model's classes 0..."
                              f"{model.num_classes - 1}")
-    check_out_dir(Path(cfg.out_dir), if_exists=str(cfg.get("if_exists", "refuse")),
-                  first=first, count=n, job=sample_job(cfg, summary.path))
     probe_from_record(cfg, summary)
-    return summary
+    if not world.is_main:
+        return SampleCheck(summary)
+    identity = set_identity(
+        checkpoint=file_fingerprint(summary.path), sampler=sampler, seed=int(cfg.seed),
+        num_samples=n, label=None if label is None else int(label),
+        dtype=str(cfg.get("dtype", "float32")), device_type=pick_device(cfg.get("device")).type)
+    resumed = check_out_dir(Path(cfg.out_dir), if_exists=str(cfg.get("if_exists", "refuse")),
+                            identity=identity, fmt=fmt, grid_size=grid_size)
+    return SampleCheck(summary, identity, resumed)
 
 
 def probe_from_record(cfg: DictConfig, summary: CheckpointSummary) -> None:
@@ -86,49 +109,72 @@ def probe_from_record(cfg: DictConfig, summary: CheckpointSummary) -> None:
             probe.dataset_kwargs = dict(recorded.get("dataset_kwargs") or {})
 
 
-def sample_job(cfg: DictConfig, checkpoint: Path) -> dict[str, Any]:
-    """What defines a sample set (written to the summary; ``if_exists=append`` compares it)."""
-    return {"checkpoint": str(checkpoint.resolve()),
-            "sampler": OmegaConf.to_container(cfg.sampler, resolve=True), "seed": int(cfg.seed),
-            "label": cfg.get("label"), "dtype": str(cfg.get("dtype", "float32")),
-            "format": str(cfg.get("format", "png"))}
-
-
-def check_eval_config(cfg: DictConfig) -> CheckpointSummary:
+def check_eval_config(cfg: DictConfig, world: World | None = None) -> CheckpointSummary | None:
     """Refuse a ``tarflow-eval`` config that cannot work, and fill in the evaluation data from
     the checkpoint's record when ``data.name`` is not given (see :func:`resolve_data`).
 
+    With ``samples=PATH`` the images are read, not drawn: the checkpoint is optional (it then
+    only names the dataset and, if ``bpd.enabled``, is scored for bits/dim); without one,
+    ``data.name`` names the reference dataset and bits/dim is skipped.
+
     Returns:
-        The checkpoint's summary.
+        The checkpoint's summary (None: ``samples=`` without a checkpoint).
     """
     _check_keys(cfg, "eval")
     expand_user_paths(cfg)
     check_writable("out_dir", cfg.out_dir, folder=True)
-    summary = _checkpoint(cfg)
-    check_autoencoder(summary, cfg.get("autoencoder_path"))
-    if not cfg.bpd.enabled and not cfg.fid.enabled:
+    world = world or World()
+    from_file = check_samples(cfg)
+    if from_file is not None and not cfg.get("ckpt_path"):
+        summary = None
+        if not cfg.data.get("name"):
+            raise ValueError(f"samples={cfg.samples} without ckpt_path: name the reference "
+                             f"dataset with data.name=... (or give ckpt_path=)")
+    else:
+        summary = _checkpoint(cfg)
+        check_autoencoder(summary, cfg.get("autoencoder_path"))
+    bpd = bool(cfg.bpd.enabled) and summary is not None
+    if not bpd and not cfg.fid.enabled:
         raise ValueError("bpd.enabled and fid.enabled are both false: nothing to evaluate")
     check_device(cfg.get("device"))
     check_dtype(cfg.get("dtype"))
-    if cfg.bpd.enabled:
+    if bpd:
         _at_least(cfg, "data.batch_size", 1)
         if cfg.data.get("max_images") is not None:
             _at_least(cfg, "data.max_images", 1)
     if cfg.fid.enabled:
         # A covariance needs at least two samples on each side.
-        _at_least(cfg, "fid.num_samples", 2)
+        n = from_file[0] if from_file else _at_least(cfg, "fid.num_samples", 2)
+        check_ranks(world, n, "samples" if from_file else "fid.num_samples")
         _at_least(cfg, "fid.reference_size", 2)
         _at_least(cfg, "fid.batch_size", 1)
         _at_least(cfg, "fid.feature_batch_size", 1)
-        normalise_schedule(cfg.sampler)
-        check_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), summary.config,
-                      guidance_must_work=True)
-    resolve_data(cfg, summary)
+        if from_file is None:
+            normalise_schedule(cfg.sampler)
+            check_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), summary.config,
+                          guidance_must_work=True)
+    if summary is not None:
+        resolve_data(cfg, summary)
     if cfg.fid.enabled:
-        channels, side, _ = image_shape(summary)
-        check_fid_reference(fid_stats_path(cfg, image_shape(summary)), side, channels,
-                            key="fid.stats_path", custom_extractor=bool(cfg.fid.get("extractor")))
+        shape = eval_image_shape(summary, from_file)
+        path = fid_stats_path(cfg, shape)
+        check_adm_reference(path, shape[1], shape[0])
+        check_fid_reference(path, shape[1], shape[0], key="fid.stats_path",
+                            custom_extractor=bool(cfg.fid.get("extractor")))
     return summary
+
+
+def eval_image_shape(summary: CheckpointSummary | None,
+                     from_file: tuple[int, tuple[int, int, int]] | None) -> tuple[int, int, int]:
+    """(C, H, W) of the images scored: the samples file's, else the checkpoint's (a samples
+    file of another resolution than the checkpoint's is refused)."""
+    if from_file is None:
+        return image_shape(summary)
+    shape = from_file[1]
+    if summary is not None and image_shape(summary)[1] != shape[1]:
+        raise ValueError(f"samples holds {shape[1]}x{shape[2]} images but {summary.path} draws "
+                         f"{image_shape(summary)[1]}px ones: give that checkpoint's samples")
+    return shape
 
 
 def image_shape(summary: CheckpointSummary) -> tuple[int, int, int]:
