@@ -22,7 +22,11 @@ from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
 from tarflow.files import atomic_write
+from tarflow.model import CheckpointError
+from tarflow.model.autoencoder import AutoencoderError
 from tarflow.model.guidance import RULES
+from tarflow.model.loading import load_for_sampling
+from tarflow.model.student import is_student
 from tarflow.sampling import (
     PlanCache,
     SamplingSchedule,
@@ -52,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
         "considers a bf16 network by default and keeps it only where a pass measures faster "
         "and the samples stay within --tol of fp32 (its printed plan says why); 'auto@bf16' "
         "forces it wherever faster (error printed, not enforced), 'auto@fp32' never uses it. "
+        "A distilled student's checkpoint is timed against its teacher: 'student:K' samples "
+        "with the student alone in K steps (not a bijection, no likelihood: its error is its "
+        "distance from the teacher), '--init student' starts the teacher's Jacobi methods "
+        "from its guess (exact to --tol). "
         "Example: tarflow-bench last.ckpt --data demo --batch 1 4 16 --methods jacobi auto")
     add_model_args(p)
     add_data_args(p)
@@ -88,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "round-robin (speed-ups against the eager sequential loop); the first "
                    "compiled call of each (compile + run) is printed")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--teacher", help="a student CHECKPOINT's teacher, where its recorded path is "
+                   "not on this machine (a student is timed against its teacher)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     return p
 
@@ -104,6 +114,15 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
         suffix = f"@{dtype}" if dtype else ""
         if m == "sequential":
             continue  # always run first as the reference
+        if m.startswith("student:"):
+            if args.student is None:
+                fail(f"method {spec!r} needs a student checkpoint (give one as CHECKPOINT)")
+            try:
+                steps = int(m.split(":", 1)[1])
+            except ValueError:
+                fail(f"method {spec!r}: student:K needs a step count, e.g. student:2")
+            methods[m] = Method(SamplingSchedule.sequential(), student=args.student, steps=steps)
+            continue
         if m.startswith("plain:"):
             try:
                 iters = int(m.split(":", 1)[1])
@@ -118,7 +137,8 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
                 note = f"CRM/IGM ranking on {where}"
             paper = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol)
             name = {"auto": "auto", "auto:paper": "auto_paper"}[m]
-            methods[name + suffix] = Method(paper, dtype, plan=m == "auto")
+            methods[name + suffix] = Method(paper, dtype, plan=m == "auto",
+                                            student=args.student)
             continue
         try:
             schedule = build_schedule(m, init=args.init, tol=args.tol)
@@ -127,8 +147,8 @@ def resolve_methods(args, model, space=None) -> tuple[dict[str, Method], str]:
         except ValueError as err:
             fail(f"method {spec!r}: {err}")
         name = "jacobi" if m.startswith("jacobi") else "gs_jacobi"
-        methods[(m if name == "gs_jacobi" or ":" in m else name) + suffix] = Method(schedule,
-                                                                                   dtype)
+        key = (m if name == "gs_jacobi" or ":" in m else name) + suffix
+        methods[key] = Method(schedule, dtype, student=args.student)
     return methods, (note, ranking)
 
 
@@ -211,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, space = model_from_args(args)
+    args.student = None
+    if is_student(model):  # time the student against its teacher on the same noise
+        args.student, model, space = model, *load_teacher(args, model)
+        print(f"student {args.checkpoint} of teacher {model.config.tag} "
+              f"({args.student.teacher.get('path')}): methods student:K sample with the "
+              f"student alone; init 'student' (--init student, or '/student' in a schedule) "
+              f"starts the teacher's Jacobi from its guess")
     refuse_fid_inputs(args.fid, args.fid_stats, args.inception_weights, space.image_shape[1])
     methods, (note, ranking) = resolve_methods(args, model, space)
     cfg = model.config
@@ -264,6 +291,18 @@ def main(argv: list[str] | None = None) -> int:
                   **({"decode": decode} if decode else {})}
         atomic_write(args.json, json.dumps(record, indent=2))
     return 0
+
+
+def load_teacher(args, student):
+    """The teacher a student checkpoint records (``--teacher`` overrides its path)."""
+    path = args.teacher or student.teacher.get("path")
+    if not path:
+        fail("this student records no teacher path: give --teacher")
+    try:
+        loaded = load_for_sampling(path, device=args.device, dtype=args.dtype)
+    except (AutoencoderError, CheckpointError) as err:
+        fail(str(err))
+    return loaded.net, loaded.space
 
 
 def decode_cost(space, sequential, noise, model, args) -> dict[str, float]:

@@ -79,6 +79,7 @@ from tarflow.eval.sample_files import load_rows, to_model_images
 from tarflow.model import TarFlow
 from tarflow.model.loading import load_for_sampling, pick_device
 from tarflow.model.space import PixelSpace
+from tarflow.model.student import NOT_A_FLOW, is_student
 from tarflow.sampling.choose import choose_schedule
 from tarflow.sampling.sample_set import run_summary, shard_indices
 from tarflow.sampling.settings import parse_sampler
@@ -247,7 +248,10 @@ def _run(cfg: DictConfig, world: World, checked: Any, sampling: dict | None) -> 
                                "overrides": _task_overrides(), "ranks": world.size}
     if loaded is not None and loaded.space.latent:
         results["autoencoder"] = loaded.space.record.to_dict()
-    if cfg.bpd.enabled and loaded is not None:  # pixel bits/dim, or a latent model's latent NLL
+    if cfg.bpd.enabled and loaded is not None and is_student(loaded.net):
+        results["bpd"] = f"skipped: {NOT_A_FLOW}"
+        print(f"bpd: skipped: {NOT_A_FLOW}")
+    elif cfg.bpd.enabled and loaded is not None:  # pixel bits/dim, or a latent model's NLL
         results.update(_bpd(loaded.net, loaded.space, data, cfg, world, progress))
     grid: list[torch.Tensor] = []
     if cfg.fid.enabled:

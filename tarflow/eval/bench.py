@@ -23,7 +23,9 @@ from tarflow.sampling.knobs import GUIDANCE_KNOBS
 @dataclass(frozen=True)
 class Method:
     """A sampler to time: a schedule, optionally a low-precision network for its Jacobi
-    iterations (``sample(..., net_dtype=...)``), or the plain fixed-iteration Jacobi loop.
+    iterations (``sample(..., net_dtype=...)``), or the plain fixed-iteration Jacobi loop; a
+    distilled ``student`` alone (``steps`` K), or as the initial guess of blocks whose schedule
+    says ``init="student"``.
 
     ``plan`` marks methods whose schedule the planner decides per batch size before timing
     (``net_dtype`` is then the dtype it may use). ``net``, when
@@ -35,14 +37,20 @@ class Method:
     plan: bool = False
     plain_iters: int | None = None
     net: TarFlow | None = field(default=None, compare=False, repr=False)
+    student: torch.nn.Module | None = field(default=None, compare=False, repr=False)
+    steps: int | None = None  # with ``student`` and no schedule: the student alone, K steps
 
     def describe(self) -> str:
+        if self.student is not None and self.steps is not None:
+            return f"student, {self.steps} Euler step(s)"
         if self.plain_iters is not None:
             return f"plain loop, {self.plain_iters} full passes per block, no test"
         applied = self.net_dtype and not self.plan  # a planned schedule names its own dtypes
         return self.schedule.describe() + (f" @{self.net_dtype}" if applied else "")
 
     def run(self, model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None, **knobs):
+        if self.student is not None and self.steps is not None:  # the student alone
+            return sample(self.student, noise, y, steps=self.steps)
         model = self.net if self.net is not None else model
         if self.plain_iters is not None:
             from tarflow.eval.baseline import sample_jacobi_plain
@@ -52,7 +60,8 @@ class Method:
             return sample_jacobi_plain(model, noise, y, iters=self.plain_iters, init=init,
                                        **g), None
         dtype = None if self.plan else self.net_dtype
-        return sample(model, noise, y, self.schedule, net_dtype=dtype, **knobs)
+        extra = {} if self.student is None else {"student": self.student}
+        return sample(model, noise, y, self.schedule, net_dtype=dtype, **extra, **knobs)
 
 
 def compiled_copy(model: TarFlow, **options) -> TarFlow:

@@ -19,6 +19,7 @@ import torch
 from tarflow.files import atomic_torch_save
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.sharded import read_sharded
+from tarflow.model.student import NOT_A_FLOW, student_info
 
 if TYPE_CHECKING:
     from tarflow.model.tarflow import TarFlow
@@ -208,6 +209,9 @@ def build_from_checkpoint(cls: type[TarFlow], source: str | Path | dict, *,
     else:
         obj = source
     where = name or "the given state dict"
+    if student_info(obj) is not None:
+        raise CheckpointError(f"{where} is a distilled student, not a TarFlow ({NOT_A_FLOW}); "
+                              f"load it with tarflow.model.loading.load_for_sampling")
     sd, stored = split_checkpoint(obj)
     config = _config_of(sd, stored, name, where, overrides)
     model = cls(config)
@@ -246,6 +250,8 @@ class CheckpointSummary:
         epochs_done: whole epochs a Lightning checkpoint has trained (its fit loop's
             processed epochs: an end-of-epoch save counts its epoch, a mid-epoch one does not).
         global_step: optimiser steps a Lightning checkpoint has taken.
+        kind: "tarflow", or "student" for a distilled student (``tarflow.model.student``;
+            ``config`` is then its teacher's, ``teacher`` where it came from).
     """
 
     path: Path
@@ -257,6 +263,8 @@ class CheckpointSummary:
     autoencoder: dict | None = None
     epochs_done: int | None = None
     global_step: int | None = None
+    kind: str = "tarflow"
+    teacher: dict | None = None
 
 
 def _epochs_done(obj: dict) -> int | None:
@@ -283,10 +291,13 @@ def describe_checkpoint(path: str | Path, **overrides) -> CheckpointSummary:
     data = meta.get("data") or hparams.get("data")
     autoencoder = meta.get("autoencoder") or hparams.get("autoencoder")
     step = obj.get("global_step")
+    student = student_info(obj)
     return CheckpointSummary(path, "pytorch-lightning_version" in obj, config, sd,
                              dict(data) if isinstance(data, dict) else None, meta.get("weights"),
                              dict(autoencoder) if isinstance(autoencoder, dict) else None,
-                             _epochs_done(obj), None if step is None else int(step))
+                             _epochs_done(obj), None if step is None else int(step),
+                             "tarflow" if student is None else "student",
+                             None if student is None else student[2])
 
 
 def load_weights(model: TarFlow, source: str | Path) -> str | None:

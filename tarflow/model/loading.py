@@ -11,15 +11,19 @@ decided once::
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tarflow.model.autoencoder_record import locate
-from tarflow.model.checkpoint import CheckpointSummary, describe_checkpoint
+from tarflow.model.checkpoint import CheckpointSummary, describe_checkpoint, read_file
 from tarflow.model.space import PixelSpace, make_space
+from tarflow.model.student import NOT_A_FLOW, Student
 from tarflow.model.tarflow import TarFlow
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float64", "bfloat16")
 
@@ -33,9 +37,14 @@ def pick_device(name: str | torch.device | None = "auto") -> torch.device:
 
 @dataclass
 class LoadedModel:
-    """A network in eval mode, the space its samples live in, and what the file records."""
+    """A network in eval mode, the space its samples live in, and what the file records.
 
-    net: TarFlow
+    ``net`` is a :class:`TarFlow`, or a distilled :class:`~tarflow.model.student.Student`
+    (``summary.kind == "student"``): it samples through the same functions (``sample``,
+    ``fixed_inputs``, ``sample_set``) but has no likelihood and no schedule.
+    """
+
+    net: TarFlow | Student
     space: PixelSpace
     summary: CheckpointSummary
 
@@ -78,6 +87,13 @@ def load_for_sampling(path: str | Path, *, device: str | torch.device | None = "
     space = make_space(summary.config, summary.autoencoder, path=autoencoder_path or None)
     if space.latent and not checked:  # hashing the weights again would only repeat that check
         locate(space.record, autoencoder_path or None, key=autoencoder_key)
-    net = TarFlow.from_checkpoint(path, map_location="cpu", **overrides)
+    if summary.kind == "student":
+        net = Student.from_payload(read_file(path, "cpu"))
+        teacher = net.teacher
+        log.warning("%s is a distilled student of %s (teacher fingerprint %s, distilled at "
+                    "guidance %s): %s", Path(path).name, teacher.get("path", "?"),
+                    teacher.get("fingerprint", "?"), teacher.get("guidance", "?"), NOT_A_FLOW)
+    else:
+        net = TarFlow.from_checkpoint(path, map_location="cpu", **overrides)
     net = net.to(device=where, dtype=getattr(torch, dtype)).eval()
     return LoadedModel(net, space.to(where), summary)

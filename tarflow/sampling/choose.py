@@ -19,6 +19,7 @@ import torch
 from tarflow.data import build_dataset
 from tarflow.data.subsets import fixed_subset, stack_items
 from tarflow.model.space import PixelSpace
+from tarflow.model.student import is_student
 from tarflow.model.tarflow import TarFlow
 from tarflow.sampling.plan import Plan, PlanCache, device_name
 from tarflow.sampling.ranking import rank_blocks, ranking_table
@@ -71,6 +72,11 @@ def choose_schedule(settings: SamplerSettings, net: TarFlow, *, batch_size: int,
         plan_cache: a JSON file of plans shared by every command (None: plan afresh).
         report: receives the plan table or the chosen rule's schedule (None: silent).
     """
+    if is_student(net):  # a distilled student samples in K steps: nothing to rank or plan
+        if report is not None and settings.schedule != "sequential" and settings.is_auto:
+            report(f"schedule {settings.schedule!r} does not apply to a distilled student "
+                   f"(it samples in K = sampler.steps Euler steps)")
+        return SamplingSchedule.sequential(), None
     if not settings.is_auto:
         return settings.resolve(None, net.config.num_patches), None
     cache = PlanCache(plan_cache) if plan_cache else None

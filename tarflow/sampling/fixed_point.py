@@ -31,10 +31,17 @@ def _zeros(zp: torch.Tensor) -> torch.Tensor:
     return guess
 
 
+def _student(zp: torch.Tensor) -> torch.Tensor:
+    # The student's guess is always supplied (sample() computes it once for every block).
+    raise ValueError("init 'student' needs the student's guess: sample(..., student=<a "
+                     "distilled student or its checkpoint>) or sampler.student=<checkpoint>")
+
+
 # Named initial guesses: name -> X^(0) from the block's input zp (its token order).
 GUESSES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "z": _input,  # the block's input itself
     "zeros": _zeros,  # [z_0, 0, ..., 0]
+    "student": _student,  # a distilled student's sample through the forward pass
 }
 INITS = tuple(GUESSES)
 

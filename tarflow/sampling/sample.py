@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tarflow.model import Guidance, TarFlow
+from tarflow.model.student import Student, is_student
 from tarflow.sampling.convergence import relative_residual
 from tarflow.sampling.denoise import self_denoise
 from tarflow.sampling.jacobi import BlockStats, TraceFn
@@ -21,6 +22,7 @@ from tarflow.sampling.knobs import knobs_of
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.schedule import SamplingSchedule
 from tarflow.sampling.solve import NetworkCopies, solve_block
+from tarflow.sampling.student import resolve_student, sample_student, student_guesses
 
 
 @dataclass
@@ -57,7 +59,8 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
            denoise: float = 0.0, noise_std: float | None = None,
            check_every: int | None = None, callback: TraceFn | None = None,
            net_dtype: torch.dtype | str | None = None,
-           guesses: Mapping[int, torch.Tensor] | None = None) -> tuple[torch.Tensor, SampleStats]:
+           guesses: Mapping[int, torch.Tensor] | None = None, steps: int | None = None,
+           student: Student | str | None = None) -> tuple[torch.Tensor, SampleStats]:
     """Noise -> images.
 
     Args:
@@ -82,10 +85,27 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
             raster order (e.g. a learned prediction pushed through the forward pass), used
             instead of the schedule's ``init`` by Jacobi / GS-Jacobi blocks (sequential blocks
             ignore it). Every block goes through :func:`tarflow.sampling.solve.solve_block`.
+        steps: Euler steps K of a distilled student (``tarflow.model.student``), which
+            ``model`` may be: it samples in K steps and ignores the schedule and guidance (fixed
+            when distilled). For a TarFlow with ``student``: the student's steps.
+        student: a distilled student of ``model`` (or its checkpoint's path): blocks whose
+            schedule says ``init="student"`` start their Jacobi iteration from its sample
+            pushed through ``model``'s forward pass (its cost is in the time). The samples are
+            the same as with any other guess, to the tolerance.
 
     Returns:
         images (B, C, H, W) and :class:`SampleStats`.
     """
+    if is_student(model):  # a distilled student: K Euler steps, no blocks to solve
+        _sync(noise.device)
+        t0 = time.perf_counter()
+        images = sample_student(model, noise, y, steps=steps, denoise=denoise)
+        _sync(noise.device)
+        K = int(steps or model.student_config.steps)
+        return images, SampleStats(seconds=time.perf_counter() - t0, schedule=f"student K={K}")
+    if steps is not None and student is None:
+        raise ValueError(f"steps={steps} is a distilled student's setting; this checkpoint is "
+                         f"a TarFlow (its sampler is set by the schedule)")
     cfg = model.config
     schedule = schedule or SamplingSchedule.sequential()
     if check_every is not None:
@@ -110,6 +130,15 @@ def sample(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None = None,
     twins = NetworkCopies(model)  # low-precision copies used by this call, made once
     _sync(noise.device)
     t_all = time.perf_counter()
+    learned = [b for b in range(cfg.num_blocks) if schedule.for_block(b).init == "student"]
+    if learned:
+        teacher_student = resolve_student(student, noise)
+        if teacher_student is None:
+            raise ValueError("the schedule starts some block from init 'student', but no "
+                             "student was given (sample(..., student=...), sampler.student)")
+        from_student = student_guesses(model, teacher_student, noise, y, g, steps=steps)
+        for b in learned:  # a caller's own guess for a block wins over the student's
+            guesses.setdefault(b, from_student[b])
     x = noise
     for block in reversed(model.blocks):
         t0 = time.perf_counter()

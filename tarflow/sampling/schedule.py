@@ -16,8 +16,9 @@ Explicit form, for what the notation cannot say (the planner's schedules, per-bl
     ``{0:S1/zeros, 3:S4xJ16/bf16/c2, else:seq} tol=0.003``
 one ``block:setting`` per listed block plus ``else``; a setting is ``seq`` or ``S<segments>``
 with an optional ``xJ<max_iters>``, then "/"-separated options that differ from the defaults:
-``zeros`` (initial guess), ``c<k>`` (convergence test every k iterations), a network dtype
-(``bf16``, ``fp16``, ``fp32``, ``fp64``), ``t<tol>`` (when blocks differ in tol), ``nofreeze``.
+``zeros`` / ``student`` (initial guess), ``c<k>`` (convergence test every k iterations), a
+network dtype (``bf16``, ``fp16``, ``fp32``, ``fp64``), ``t<tol>`` (when blocks differ in tol),
+``nofreeze``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ class BlockSchedule:
             sequential loop).
         max_iters: cap on Jacobi iterations per segment; None = the segment length, which is
             always exact (the triangular system is solved after that many iterations).
-        init: initial guess, "z" (the block's sampling input) or "zeros" ([z_0, 0, ..., 0]).
+        init: initial guess, "z" (the block's sampling input), "zeros" ([z_0, 0, ..., 0]) or
+            "student" (a distilled student's sample pushed through the teacher's forward pass
+            to this block's input: ``sample(..., student=...)``; the fixed point, hence the
+            sample, is the same whatever the guess).
         tol: stop a sample once its relative residual mean((X' - X)^2) / mean(X'^2), computed in
             float32 over the segment, is <= tol. 0 stops only at an exact fixed point.
         freeze: feed only the unfinished part of a segment: positions behind the exact frontier

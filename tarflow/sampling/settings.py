@@ -6,11 +6,13 @@ benchmarks, so the translation into ring-1 objects lives in one place. This modu
 Hydra nor OmegaConf: callers convert their config to plain containers first.
 
 A sampler dict has the keys ``name, schedule, tol, init, guidance, attn_temp, annealed,
-guidance_rule, denoise, check_every, net_dtype, auto, planner``; ``schedule`` is "sequential",
-"jacobi[:J]", the paper's "[Stack-GS-J-Else]" notation, the explicit ``{block:setting, ...}``
-form, an explicit per-block dict, "auto" (the planner: measured on the device and batch at run
-time, with a CRM/IGM ranking as its prior) or "auto:paper" (the paper's fixed rule applied to
-the ranking).
+guidance_rule, denoise, check_every, net_dtype, auto, planner, steps`` (``steps``: a
+distilled student's Euler steps K, ``tarflow.model.student``; ``student``: a student
+checkpoint whose guess starts the blocks with ``init: student``);
+``schedule`` is "sequential", "jacobi[:J]", the paper's "[Stack-GS-J-Else]" notation, the
+explicit ``{block:setting, ...}`` form, an explicit per-block dict, "auto" (the planner:
+measured on the device and batch at run time, with a CRM/IGM ranking as its prior) or
+"auto:paper" (the paper's fixed rule applied to the ranking).
 
 ``net_dtype`` says which network precision sampling may use for Jacobi passes:
 
@@ -48,7 +50,7 @@ FULL_PRECISION = ("float32", "float64")
 AUTO_KEYS = ("tough_factor", "tough_segments", "sequential_share", "tough_iters", "else_iters")
 PLANNER_KEYS = ("rounds", "margin", "keep", "segments", "dtype_gain", "max_check_every")
 KNOWN_KEYS = frozenset(("name", "schedule", "tol", "init", "auto", "planner", "check_every",
-                        "net_dtype", *KNOBS))
+                        "net_dtype", "steps", "student", *KNOBS))
 # Keys that existed once, with what replaced them (a clear error instead of "unknown key").
 RETIRED = {"tune_segments": "segment counts are now timed by the planner: use schedule: auto"}
 
@@ -213,6 +215,12 @@ def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:
         schedule = _with_options(build_schedule(spec, init=init, tol=tol), check_every,
                                  None if net_dtype == AUTO else net_dtype)
     knobs = parse_knobs(cfg)
+    if cfg.get("steps") is not None:  # a distilled student's Euler steps K (null: its default)
+        knobs["steps"] = int(cfg["steps"])
+        if knobs["steps"] < 1:
+            raise ValueError(f"sampler.steps={cfg['steps']} must be >= 1 (a student's K)")
+    if cfg.get("student"):  # a student checkpoint: the guess of blocks with init "student"
+        knobs["student"] = str(cfg["student"])
     guidance_of(knobs)  # an unknown rule fails now, naming the known ones
     name = str(cfg.get("name") or (spec if isinstance(spec, str) else "custom"))
     return SamplerSettings(name, schedule, knobs, tol, init, auto_cfg, net_dtype, planner,

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app.checks.common import checkpoint_file
+from tarflow.app.checks.distill import check_distill
 from tarflow.app.checks.paths import expand_user_paths
 from tarflow.app.checks.sampler import check_fid_reference, check_sampler, normalise_schedule
 from tarflow.app.runs import holds_run, is_secondary_process
@@ -52,6 +53,9 @@ def check_config(cfg: DictConfig) -> TarFlowConfig:
     """
     expand_user_paths(cfg)  # ckpt_path=~/...: Lightning's resume does not expand it
     _check_no_missing_values(cfg)
+    if cfg.get("distill") is not None:  # a student of a trained teacher: its own checks
+        return check_distill(cfg, sampling=_sampling_callback_node(cfg),
+                             check_fid=check_fid_reference, check_run_dir=_check_run_dir)
     model = _model_config(cfg)
     autoencoder = _check_latent(cfg, model)
     if "module" in cfg:

@@ -60,6 +60,7 @@ from tarflow.lit.callbacks.rounds import (
 from tarflow.lit.fsdp import sampling_network
 from tarflow.model import TarFlow
 from tarflow.model.space import PixelSpace
+from tarflow.model.student import is_student
 from tarflow.sampling import Plan, PlanCache, SamplingSchedule, rank_blocks, ranking_table
 from tarflow.sampling.sample_set import (
     ConvergenceTrace,
@@ -170,10 +171,17 @@ class SamplingCallback(Callback):
                     f"on_validation_epoch_end swaps the raw weights back in before later "
                     f"callbacks run, so sampling would not use the EMA weights. Put `sampling` "
                     f"before `ema` in the callbacks list.")
-        if not isinstance(getattr(pl_module, "net", None), TarFlow):
-            raise TypeError(f"SamplingCallback needs `pl_module.net` to be a TarFlow; "
-                            f"{type(pl_module).__name__} has none")
-        if not self.settings.is_auto:  # a schedule naming block 7 of a 4-block model: fail now
+        net = getattr(pl_module, "net", None)
+        if not isinstance(net, TarFlow) and not is_student(net):
+            raise TypeError(f"SamplingCallback needs `pl_module.net` to be a TarFlow or a "
+                            f"distilled student; {type(pl_module).__name__} has neither")
+        if is_student(net) and (self.settings.is_auto or self.compare_sequential):
+            raise ValueError("a distilled student has no schedule to plan and no sequential "
+                             "loop: set the sampler's schedule to sequential (steps: K) and "
+                             "callbacks.sampling.compare_sequential=0")
+        if is_student(net):
+            self.probe_size = 0  # no blocks to rank
+        elif not self.settings.is_auto:  # a schedule naming block 7 of a 4-block model: fail now
             cfg = pl_module.net.config
             self.settings.schedule.validate(cfg.num_blocks, cfg.num_patches)
         if self.fid_enabled and self.num_samples < max(2, trainer.world_size):
