@@ -10,8 +10,8 @@ import time
 
 from hydra import compose, initialize_config_dir
 
-from tarflow.app.config_types import check_value_types
-from tarflow.app.startup import probe_trainer
+from tarflow.app.checks.config_types import check_value_types
+from tarflow.app.checks.startup import probe_trainer
 from tarflow.cli.train import configured_callbacks
 from tarflow.conf import CONFIG_DIR
 

@@ -25,7 +25,7 @@ from tarflow.app.errors import EXIT_USAGE, USER_ERRORS
 from tarflow.app.sample_outputs import GRID, NPZ, png_path
 from tarflow.app.sample_shards import SampleFolder, deal, missing_shards, save_adm_npz
 from tarflow.eval import images_to_uint8
-from tarflow.eval.fid_at_n import sample_set
+from tarflow.eval.fid_at_n import draw_set
 from tarflow.eval.plots import image_grid
 from tarflow.model.space import PixelSpace
 from tarflow.model.tarflow import TarFlow
@@ -127,7 +127,7 @@ def draw_missing(net: TarFlow, folder: SampleFolder, schedule: SamplingSchedule,
     for first, last in mine:
         images: list[np.ndarray] = []
         labels: list[np.ndarray] = []
-        run = sample_set(net, range(first, last + 1), schedule, seed=seed,
+        run = draw_set(net, range(first, last + 1), schedule, seed=seed,
                          batch_size=batch_size, knobs=knobs, space=space, label=label,
                          on_batch=_keep_uint8(images, labels, space.image_shape[0]),
                          progress=progress and world.is_main, desc=f"members {first}..{last}")

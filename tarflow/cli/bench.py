@@ -17,7 +17,7 @@ from functools import partial
 import torch
 
 from tarflow.app.checks.common import refuse_fid_inputs, refuse_low_counts, refuse_unwritable
-from tarflow.cli.common import add_data_args, add_model_args, fail, load_model, probe_images
+from tarflow.app.cli_args import add_data_args, add_model_args, fail, model_from_args, probe_images
 from tarflow.eval import InceptionFeatures, load_reference
 from tarflow.eval.bench import Method, benchmark, compiled_copy, format_table, median_time
 from tarflow.eval.fid_at_n import feature_extractor, fid_at_n
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     refuse_retired_methods(args.methods)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, space = load_model(args)
+    model, space = model_from_args(args)
     args.student = None
     if is_student(model):  # time the student against its teacher on the same noise
         args.student, model, space = model, *load_teacher(args, model)

@@ -43,8 +43,8 @@ from tarflow.app.runs import save_records
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
 from tarflow.data.latents import (
+    DRAFT,
     MANIFEST,
-    PLAN,
     read_manifest,
     shard_name,
     write_json,
@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if rank == 0:
         save_records(cfg)
-        write_json(out / PLAN, draft)
+        write_json(out / DRAFT, draft)
     device = pick_device(cfg.encode.get("device"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

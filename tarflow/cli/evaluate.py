@@ -42,9 +42,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
+from tarflow.app.checks.config_types import check_job_types
 from tarflow.app.checks.eval_inputs import check_samples
 from tarflow.app.checks.sample import check_eval_config, eval_image_shape, fid_stats_path
-from tarflow.app.config_types import check_job_types
 from tarflow.app.distributed import (
     World,
     all_sum,
@@ -70,7 +70,7 @@ from tarflow.app.runs import remove_new_run_dir, save_records, write_keeping_pre
 from tarflow.app.sweep_jobs import run_job
 from tarflow.conf import CONFIG_DIR
 from tarflow.data import build_dataset
-from tarflow.eval.fid_at_n import feature_extractor, sample_set
+from tarflow.eval.fid_at_n import draw_set, feature_extractor
 from tarflow.eval.fid_reference import reference_provenance, reference_stats
 from tarflow.eval.likelihood import likelihood
 from tarflow.eval.metrics import SampleFeatures
@@ -156,7 +156,7 @@ def _metrics(cfg: DictConfig, fid: dict[str, Any], data: dict[str, Any], world: 
             if world.is_main and sum(len(g) for g in grid) < grid_size:
                 grid.append(images[:grid_size - sum(len(g) for g in grid)].cpu())
 
-        run = run_together(world, lambda: sample_set(
+        run = run_together(world, lambda: draw_set(
             net, shard_indices(n, world.rank, world.size), schedule,
             seed=int(fid.get("seed") or 0), batch_size=batch, knobs=settings.knobs,
             space=space, extractor=extractor, samples=samples, on_batch=keep_grid,

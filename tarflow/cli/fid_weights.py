@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from tarflow.cli.common import ExamplesFormatter
+from tarflow.app.cli_args import ExamplesFormatter
 from tarflow.eval.inception import (
     WEIGHTS_FILENAME,
     convert_fid_helper_weights,

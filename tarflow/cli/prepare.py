@@ -86,16 +86,16 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = None
 
-    def on_plan(plan: dict, state: str, copied: int) -> None:
+    def on_draft(draft: dict, state: str, copied: int) -> None:
         nonlocal bar
-        total = sum(s["count"] for s in plan["splits"].values())
+        total = sum(s["count"] for s in draft["splits"].values())
         word = {
             "fresh": "preparing",
             "extend": "adding splits to",
             "resume": f"resuming ({copied} copied)",
             "done": "found",
         }
-        print(f"{word[state]}: {describe(plan)} -> {args.out} ({total} images)", flush=True)
+        print(f"{word[state]}: {describe(draft)} -> {args.out} ({total} images)", flush=True)
         bar = tqdm(
             total=total, initial=copied, desc="preparing", unit="img", disable=state == "done"
         )
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk=args.chunk,
             workers=args.workers,
             progress=progress,
-            on_plan=on_plan,
+            on_draft=on_draft,
         )
     except (DataError, FileNotFoundError, NotADirectoryError) as err:
         fail(str(err))

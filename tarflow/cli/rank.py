@@ -6,7 +6,7 @@ import argparse
 import json
 
 from tarflow.app.checks.common import refuse_unwritable
-from tarflow.cli.common import add_data_args, add_model_args, load_model, probe_images
+from tarflow.app.cli_args import add_data_args, add_model_args, model_from_args, probe_images
 from tarflow.files import atomic_write
 from tarflow.sampling import format_schedule, rank_blocks, ranking_table, schedule_from_ranking
 from tarflow.sampling.ranking import NORMS, ranking_records
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     refuse_unwritable(args, files={"json": "--json"})
-    model, space = load_model(args)
+    model, space = model_from_args(args)
     images, where = probe_images(args, model, space)
     ranking = rank_blocks(model, images, norm=args.norm)
     schedule = schedule_from_ranking(ranking, model.config.num_patches, tol=args.tol,

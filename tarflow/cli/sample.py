@@ -49,8 +49,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app import distributed
 from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
+from tarflow.app.checks.config_types import check_job_types
 from tarflow.app.checks.sample import check_sample_config
-from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, one_line_errors
 from tarflow.app.eval_sampler import choose_sampler, sampler_lines, task_overrides
 from tarflow.app.logs import job_log

@@ -45,14 +45,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from tarflow.app import help as _help  # noqa: F401  (registers the --help resolvers)
+from tarflow.app.checks.config_types import check_job_types
+from tarflow.app.checks.startup import describe_processes, probe_trainer
 from tarflow.app.checks.sweeps import check_sweep_job
 from tarflow.app.checks.train import check_config
-from tarflow.app.config_types import check_job_types
 from tarflow.app.errors import cli_main, in_multirun, one_line_errors
 from tarflow.app.launchers import cluster_plugins, resume_sweep_job
 from tarflow.app.logs import held_file_log, job_log
 from tarflow.app.runs import Resume, config_changes, describe_changes, resume_argv, save_records
-from tarflow.app.startup import describe_processes, probe_trainer
 from tarflow.app.sweep_jobs import run_job
 from tarflow.app.train_sweep import RESULT, name_sweep_job, write_result
 from tarflow.conf import CONFIG_DIR

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from tarflow.app.checks.common import refuse_low_counts
+from tarflow.app.cli_args import ExamplesFormatter
 from tarflow.app.errors import fail
-from tarflow.cli.common import ExamplesFormatter
 from tarflow.data import build_dataset
 from tarflow.files import atomic_dir
 from tarflow.model.autoencoder import small_autoencoder

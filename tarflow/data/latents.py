@@ -37,7 +37,7 @@ from tarflow.files import atomic_torch_save, atomic_write
 
 FORMAT = "tarflow-latents/1"
 MANIFEST = "manifest.json"
-PLAN = "plan.json"
+DRAFT = "plan.json"
 FLIPS = ("none", "both")
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 # Source facts a run's data config must share with the latents it reads.
@@ -74,7 +74,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
                         f"data.latents), or set data.latents=null to encode on the fly")
     path = root / MANIFEST
     if not path.is_file():
-        started = (root / PLAN).is_file()
+        started = (root / DRAFT).is_file()
         raise DataError(
             f"{root} has no {MANIFEST}: "
             + ("its encoding was interrupted; run the same tarflow-encode command again to "

@@ -1,9 +1,9 @@
 """Writing a prepared directory (layout: :mod:`tarflow.data.prepared`) once, resumably.
 
-Every source is checked and fingerprinted before anything is written. The plan (what will be
+Every source is checked and fingerprinted before anything is written. The draft (what will be
 written, from which sources) goes to ``plan.json`` first; each source part (one npz file, or
 ``chunk`` images of a folder) is copied into ``<split>/images.npy.partial``, flushed and fsynced,
-and only then recorded in ``progress.json``. A restarted preparation with the same plan skips the
+and only then recorded in ``progress.json``. A restarted preparation with the same draft skips the
 recorded parts; a part interrupted mid-way is simply copied again. A split's files lose their
 ``.partial`` suffix once whole, and ``manifest.json``, the only file a reader accepts, is written
 last. Sources are checked and fingerprinted in :mod:`tarflow.data.prepare_sources`.
@@ -32,9 +32,9 @@ from tarflow.data.errors import DataError
 from tarflow.data.imagenet_npz import NUM_CLASSES
 from tarflow.data.prepare_sources import check_sources
 from tarflow.data.prepared import (
+    DRAFT,
     FORMAT,
     MANIFEST,
-    PLAN,
     PROGRESS,
     array_files,
     describe,
@@ -61,7 +61,7 @@ def _sources_id(name: str, img_size: int, channels: int, prints: Mapping[str, An
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _plan(name, root: Path, img_size, channels, sources: dict[str, Any]) -> dict[str, Any]:
+def _draft(name, root: Path, img_size, channels, sources: dict[str, Any]) -> dict[str, Any]:
     prints = {split: src.fingerprint for split, src in sources.items()}
     first = next(iter(sources.values()))
     classes = getattr(getattr(first, "folder", None), "class_names", None)
@@ -87,21 +87,22 @@ def _plan(name, root: Path, img_size, channels, sources: dict[str, Any]) -> dict
     }
 
 
-def _same_set(theirs: Mapping[str, Any], plan: Mapping[str, Any]) -> bool:
-    """Whether ``plan``'s splits belong to the set ``theirs`` describes: the same dataset, size,
+def _same_set(theirs: Mapping[str, Any], draft: Mapping[str, Any]) -> bool:
+    """Whether ``draft``'s splits belong to the set ``theirs`` describes: the same dataset, size,
     channels and classes, and the same source for every split both hold (with no split in
     common, the same source directory)."""
-    if any(theirs.get(k) != plan[k] for k in ("name", "img_size", "channels", "class_names")):
+    if any(theirs.get(k) != draft[k] for k in ("name", "img_size", "channels", "class_names")):
         return False
-    common = set(theirs["splits"]) & set(plan["splits"])
+    common = set(theirs["splits"]) & set(draft["splits"])
     if not common:
-        return Path(str(theirs.get("source_root"))).resolve() == Path(plan["source_root"]).resolve()
-    return all(theirs["splits"][s]["source"] == plan["splits"][s]["source"] for s in common)
+        theirs_root = Path(str(theirs.get("source_root"))).resolve()
+        return theirs_root == Path(draft["source_root"]).resolve()
+    return all(theirs["splits"][s]["source"] == draft["splits"][s]["source"] for s in common)
 
 
-def _refuse_other(out: Path, what: str, theirs: Mapping[str, Any], plan: Mapping[str, Any]):
+def _refuse_other(out: Path, what: str, theirs: Mapping[str, Any], draft: Mapping[str, Any]):
     raise DataError(
-        f"{out} {what} {describe(theirs)}, not {describe(plan)}; choose another output "
+        f"{out} {what} {describe(theirs)}, not {describe(draft)}; choose another output "
         "directory or delete it"
     )
 
@@ -110,21 +111,21 @@ def _all_parts(manifest: Mapping[str, Any]) -> dict[str, list[int]]:
     return {s: list(range(len(info["parts"]))) for s, info in manifest["splits"].items()}
 
 
-def _existing_state(out: Path, plan: dict[str, Any]) -> tuple[str, dict[str, Any], dict]:
+def _existing_state(out: Path, draft: dict[str, Any]) -> tuple[str, dict[str, Any], dict]:
     """What to do in ``out``: ``"done"``, ``"resume"``, ``"extend"`` (add splits to a finished
-    set) or ``"fresh"``, with the plan to carry out and the progress record (parts already
+    set) or ``"fresh"``, with the draft to carry out and the progress record (parts already
     copied); refuse another set's directory in one line."""
     manifest = read_prepared(out) if (out / MANIFEST).is_file() else None
-    unfinished = json.loads((out / PLAN).read_text()) if (out / PLAN).is_file() else None
+    unfinished = json.loads((out / DRAFT).read_text()) if (out / DRAFT).is_file() else None
     if unfinished is not None and manifest is not None:
         if unfinished.get("sources_id") == manifest.get("sources_id"):
             unfinished = None  # a crash after the manifest, before the clean-up
     held = set(manifest["splits"]) if manifest is not None else set()
     if unfinished is not None:  # a preparation, or an added split, to finish
-        if not _same_set(unfinished, plan):
-            _refuse_other(out, "holds an unfinished preparation of", unfinished, plan)
+        if not _same_set(unfinished, draft):
+            _refuse_other(out, "holds an unfinished preparation of", unfinished, draft)
         needed = sorted(set(unfinished["splits"]) - held)
-        if not set(needed) <= set(plan["splits"]) <= set(unfinished["splits"]):
+        if not set(needed) <= set(draft["splits"]) <= set(unfinished["splits"]):
             raise DataError(
                 f"{out} holds an unfinished preparation of the splits {needed}; finish it "
                 f"first: the same command with --splits {' '.join(needed)}"
@@ -134,15 +135,15 @@ def _existing_state(out: Path, plan: dict[str, Any]) -> tuple[str, dict[str, Any
             state = json.loads((out / PROGRESS).read_text())
         return "resume", unfinished, state
     if manifest is not None:
-        if not _same_set(manifest, plan):
-            _refuse_other(out, "holds", manifest, plan)
-        new = [s for s in plan["splits"] if s not in held]
+        if not _same_set(manifest, draft):
+            _refuse_other(out, "holds", manifest, draft)
+        new = [s for s in draft["splits"] if s not in held]
         if not new:
             return "done", manifest, {"done": _all_parts(manifest), "substituted": {}}
         # A split added to a finished set: the held splits stay as they are (readers keep
         # reading them through the old manifest until the new one replaces it).
         merged = {k: v for k, v in manifest.items() if k != "complete"}
-        merged["splits"] = {**manifest["splits"], **{s: plan["splits"][s] for s in new}}
+        merged["splits"] = {**manifest["splits"], **{s: draft["splits"][s] for s in new}}
         prints = {s: info["source"] for s, info in merged["splits"].items()}
         merged["sources_id"] = _sources_id(
             merged["name"], merged["img_size"], merged["channels"], prints
@@ -150,20 +151,20 @@ def _existing_state(out: Path, plan: dict[str, Any]) -> tuple[str, dict[str, Any
         return "extend", merged, {"done": _all_parts(manifest), "substituted": {}}
     if out.exists() and (not out.is_dir() or any(p.name != LOCK for p in out.iterdir())):
         raise DataError(f"output {out} exists and is not a prepared set; choose a new directory")
-    return "fresh", plan, {"done": {}, "substituted": {}}
+    return "fresh", draft, {"done": {}, "substituted": {}}
 
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _check_space(out: Path, plan: Mapping[str, Any], progress_state: Mapping[str, Any]) -> None:
+def _check_space(out: Path, draft: Mapping[str, Any], progress_state: Mapping[str, Any]) -> None:
     """Refuse a set the disk under ``out`` cannot hold, before a byte of it is written."""
-    item = plan["channels"] * plan["img_size"] ** 2 + 8  # uint8 image + int64 label
+    item = draft["channels"] * draft["img_size"] ** 2 + 8  # uint8 image + int64 label
     done = progress_state["done"]
     need = item * sum(
         n
-        for split, info in plan["splits"].items()
+        for split, info in draft["splits"].items()
         for k, n in enumerate(info["parts"])
         if k not in done.get(split, ())
     )
@@ -173,7 +174,7 @@ def _check_space(out: Path, plan: Mapping[str, Any], progress_state: Mapping[str
     free = shutil.disk_usage(where).free
     if need > free:
         raise DataError(
-            f"{out} would need {_size(need)} for {describe(plan)} but its disk has "
+            f"{out} would need {_size(need)} for {describe(draft)} but its disk has "
             f"{_size(free)} free; choose a smaller --img-size or another output directory"
         )
 
@@ -202,9 +203,9 @@ def _exclusive(out: Path) -> Iterator[None]:
         yield
 
 
-def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> None:
+def _prepare_split(out, split, src, draft, progress_state, progress, workers) -> None:
     """Copy the parts of one split not yet recorded, then give its files their final names."""
-    info, c, s = plan["splits"][split], plan["channels"], plan["img_size"]
+    info, c, s = draft["splits"][split], draft["channels"], draft["img_size"]
     done = progress_state["done"].setdefault(split, [])
     paths = {k: out / rel for k, rel in array_files(split).items()}
     partial = {k: p.with_name(p.name + ".partial") for k, p in paths.items()}
@@ -236,31 +237,31 @@ def _prepare_split(out, split, src, plan, progress_state, progress, workers) -> 
     fsync_dir(paths["images"].parent)
 
 
-def _run(out, plan, sources, progress, on_plan, workers) -> tuple[dict[str, Any], bool]:
+def _run(out, draft, sources, progress, on_draft, workers) -> tuple[dict[str, Any], bool]:
     """The copying of :func:`prepare_dataset`, holding the directory's lock."""
     # Again: another preparation may have finished or started here before the lock was ours.
-    # On resume, the recorded plan: a changed --chunk must not move the part boundaries.
-    state, plan, progress_state = _existing_state(out, plan)
-    if on_plan is not None:
+    # On resume, the recorded draft: a changed --chunk must not move the part boundaries.
+    state, draft, progress_state = _existing_state(out, draft)
+    if on_draft is not None:
         copied = sum(
-            plan["splits"][split]["parts"][k]
+            draft["splits"][split]["parts"][k]
             for split, ks in progress_state["done"].items()
             for k in ks
         )
-        on_plan(plan, state, copied)
+        on_draft(draft, state, copied)
     if state == "done":
-        for leftover in (PLAN, PROGRESS):  # a crash after the manifest, before the clean-up
+        for leftover in (DRAFT, PROGRESS):  # a crash after the manifest, before the clean-up
             (out / leftover).unlink(missing_ok=True)
         return read_prepared(out), False
     if state in ("fresh", "extend"):
-        _durable_json(out / PLAN, plan)
+        _durable_json(out / DRAFT, draft)
     for split, src in sources.items():
-        src.parts = plan["splits"][split]["parts"]
-        _prepare_split(out, split, src, plan, progress_state, progress, workers)
+        src.parts = draft["splits"][split]["parts"]
+        _prepare_split(out, split, src, draft, progress_state, progress, workers)
     for split, subs in progress_state["substituted"].items():
-        plan["splits"][split]["substituted"] = subs
-    _durable_json(out / MANIFEST, {**plan, "complete": True})
-    for name_ in (PLAN, PROGRESS):
+        draft["splits"][split]["substituted"] = subs
+    _durable_json(out / MANIFEST, {**draft, "complete": True})
+    for name_ in (DRAFT, PROGRESS):
         (out / name_).unlink(missing_ok=True)
     return read_prepared(out), True
 
@@ -276,7 +277,7 @@ def prepare_dataset(
     chunk: int = 10_000,
     workers: int = 0,
     progress: Callable[[str, int], None] | None = None,
-    on_plan: Callable[[dict[str, Any], str, int], None] | None = None,
+    on_draft: Callable[[dict[str, Any], str, int], None] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Prepare ``source`` into ``out`` (or finish an interrupted preparation there).
 
@@ -290,7 +291,7 @@ def prepare_dataset(
         chunk: images per resumable part of a folder (an npz file is one part).
         workers: DataLoader processes decoding folder images.
         progress: called ``(split, images)`` after each part is copied.
-        on_plan: called ``(plan, state, copied)`` once the sources are checked, before any
+        on_draft: called ``(draft, state, copied)`` once the sources are checked, before any
             copying; state is ``"fresh"``, ``"resume"`` or ``"done"``, copied the number of
             images an interrupted run already copied.
 
@@ -306,14 +307,14 @@ def prepare_dataset(
             f"need chunk >= 1, workers >= 0, channels 1 or 3; got {chunk}, {workers}, {channels}"
         )
     sources = check_sources(name, root, img_size, channels, splits, chunk)
-    plan = _plan(name, root, img_size, channels, sources)
+    draft = _draft(name, root, img_size, channels, sources)
     # Refuse another set's directory, or a set the disk cannot hold, before creating anything.
-    state, plan_, progress_state = _existing_state(out, plan)
+    state, draft_, progress_state = _existing_state(out, draft)
     if state != "done":
-        _check_space(out, plan_, progress_state)
+        _check_space(out, draft_, progress_state)
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        result = _run(out, plan, sources, progress, on_plan, workers)
+        result = _run(out, draft, sources, progress, on_draft, workers)
         # A finished set keeps no lock file (a later run finds the manifest and writes nothing).
         (out / LOCK).unlink(missing_ok=True)
         return result

@@ -48,7 +48,7 @@ __all__ = [
 
 FORMAT = "tarflow-prepared/1"
 MANIFEST = "manifest.json"
-PLAN = "plan.json"
+DRAFT = "plan.json"
 PROGRESS = "progress.json"
 # Options of the plain readers that only matter while decoding sources: a prepared set has
 # already been decoded, so they are accepted and have nothing left to do.
@@ -61,7 +61,7 @@ def array_files(split: str) -> dict[str, str]:
 
 
 def describe(facts: Mapping[str, Any]) -> str:
-    """One phrase for a manifest or plan: ``imagenet64 64x64x3 from /src (sources 1a2b3c)``."""
+    """One phrase for a manifest or draft: ``imagenet64 64x64x3 from /src (sources 1a2b3c)``."""
     s, c = facts.get("img_size"), facts.get("channels")
     where = facts.get("source_root", "?")
     return f"{facts.get('name')} {s}x{s}x{c} from {where} (sources {facts.get('sources_id')})"
@@ -76,7 +76,7 @@ def looks_prepared(root: str | os.PathLike) -> bool:
     root = Path(root).expanduser()
     if not root.is_dir():
         return False
-    for name in (MANIFEST, PLAN):
+    for name in (MANIFEST, DRAFT):
         path = root / name
         if path.is_file():
             try:
@@ -84,7 +84,7 @@ def looks_prepared(root: str | os.PathLike) -> bool:
                     "tarflow-prepared/"
                 )
             except (OSError, ValueError):
-                return name == PLAN  # a plan is only ever ours; a broken manifest may not be
+                return name == DRAFT  # a draft is only ever ours; a broken manifest may not be
     return any((root / split / "images.npy").exists() for split in ("train", "val"))
 
 
@@ -97,7 +97,7 @@ def read_prepared(root: str | os.PathLike) -> dict[str, Any]:
     root = Path(root).expanduser()
     path = root / MANIFEST
     if not path.is_file():
-        if (root / PLAN).is_file():
+        if (root / DRAFT).is_file():
             raise DataError(
                 f"{root} is an unfinished preparation (no {MANIFEST}); run the same "
                 "tarflow-prepare command again to finish it"

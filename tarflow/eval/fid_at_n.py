@@ -1,7 +1,7 @@
 """FID@N and sample grids: the one loop that samples a fixed set, decodes it and extracts features.
 
 The validation callback, ``tarflow-eval``, ``tarflow-bench --fid`` and ``tarflow-sample`` all run
-:func:`sample_set`, whose member ``i`` starts from seed ``seed + i``
+:func:`draw_set`, whose member ``i`` starts from seed ``seed + i``
 (:func:`tarflow.sampling.sample_set.fixed_inputs`): the same checkpoint, sampler and seed give the
 same images through each of them, on any device, batch size or number of ranks. A notebook::
 
@@ -61,7 +61,7 @@ def feature_extractor(extractor: Callable | None = None, *, weights: str | None 
 
 
 @torch.no_grad()
-def sample_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule | None = None,
+def draw_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule | None = None,
                *, seed: int, batch_size: int, knobs: dict | None = None,
                space: PixelSpace | None = None, extractor: Callable | None = None,
                label: Label = None, trace: Callable[[dict], None] | None = None,
@@ -112,10 +112,10 @@ def fid_at_n(net: TarFlow, schedule: SamplingSchedule | None,
              num_samples: int, seed: int = 0, batch_size: int = 64,
              **kwargs) -> tuple[float, SetRun]:
     """FID of the first ``num_samples`` members of the fixed set against ``reference``, and the
-    run behind it. ``kwargs``: the rest of :func:`sample_set` (knobs, space, draw, progress)."""
+    run behind it. ``kwargs``: the rest of :func:`draw_set` (knobs, space, draw, progress)."""
     if num_samples < 2:
         raise ValueError(f"FID needs at least 2 samples, not {num_samples}")
-    run = sample_set(net, range(num_samples), schedule, seed=seed, batch_size=batch_size,
+    run = draw_set(net, range(num_samples), schedule, seed=seed, batch_size=batch_size,
                      extractor=extractor, desc=f"FID@{num_samples}", **kwargs)
     mu, sigma = run.features.mean_cov()
     ref_mu, ref_sigma = reference.mean_cov()
@@ -133,7 +133,7 @@ def class_grid(net: TarFlow, schedule: SamplingSchedule, *, per_class: int = 8,
     if not cfg.conditional and knobs.get("attn_temp", 1.0) == 1.0:
         knobs["guidance"] = 0.0  # both guidance branches would be identical: a no-op here
     images: list[torch.Tensor] = []
-    sample_set(net, range(rows * per_class), schedule, seed=seed, batch_size=rows * per_class,
+    draw_set(net, range(rows * per_class), schedule, seed=seed, batch_size=rows * per_class,
                knobs=knobs, space=space, label=lambda i: i // per_class,
                on_batch=lambda batch, decoded: images.append(decoded))
     return torch.cat(images)

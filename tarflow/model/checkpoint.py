@@ -199,7 +199,7 @@ def _config_of(sd: dict, stored: dict | None, name: str | None, where: str,
         raise CheckpointError(f"{where}: cannot build a TarFlow: {err}") from None
 
 
-def load_model(cls: type[TarFlow], source: str | Path | dict, *,
+def build_from_checkpoint(cls: type[TarFlow], source: str | Path | dict, *,
                map_location: str | torch.device = "cpu", **overrides) -> TarFlow:
     """Build a TarFlow from a checkpoint file or an in-memory dict and load it strictly."""
     name = None

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tarflow.model.checkpoint import compare_state_dicts, load_model, save_model
+from tarflow.model.checkpoint import build_from_checkpoint, compare_state_dicts, save_model
 from tarflow.model.config import TarFlowConfig
 from tarflow.model.flow import make_block
 from tarflow.model.guidance import Guidance
@@ -155,7 +155,7 @@ class TarFlow(nn.Module):
         shapes; ``overrides`` set fields that shapes cannot tell (e.g. ``head_dim``, ``img_size``).
         Loading is ``strict=True`` and uses ``weights_only=True``.
         """
-        return load_model(cls, source, map_location=map_location, **overrides)
+        return build_from_checkpoint(cls, source, map_location=map_location, **overrides)
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """Write ``{"tarflow_config", "state_dict"}`` atomically; read back by from_checkpoint."""

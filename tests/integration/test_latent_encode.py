@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from tarflow.cli import encode
 from tarflow.data import build_dataset
-from tarflow.data.latents import MANIFEST, PLAN, LatentDataset, read_manifest, shard_name
+from tarflow.data.latents import DRAFT, MANIFEST, LatentDataset, read_manifest, shard_name
 from tarflow.model.autoencoder import Autoencoder, resolve_autoencoder
 from tests.integration.conftest import CONF_DIR, REPO
 
@@ -86,7 +86,7 @@ def test_an_interrupted_encoding_resumes_and_keeps_finished_shards(
     monkeypatch.setattr(encode, "write_shard", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         encode.run(compose_encode(overrides))
-    assert (out / PLAN).is_file() and not (out / MANIFEST).exists()
+    assert (out / DRAFT).is_file() and not (out / MANIFEST).exists()
     with pytest.raises(ValueError, match="interrupted; run the same tarflow-encode command"):
         LatentDataset(out, "train")  # nothing is read from an unfinished directory
     kept = {p: p.stat().st_mtime_ns for p in written}

@@ -1,7 +1,7 @@
 """One sample set for every entry point (issue 20): the same checkpoint, sampler and seed give the
 same images through ``tarflow-sample`` and the validation callback, and the same FID through
 ``tarflow-eval`` and ``tarflow-bench --fid``. All of them draw member ``i`` from seed ``seed + i``
-(:func:`tarflow.sampling.sample_set.fixed_inputs`) through :func:`tarflow.eval.fid_at_n.sample_set`.
+(:func:`tarflow.sampling.sample_set.fixed_inputs`) through :func:`tarflow.eval.fid_at_n.draw_set`.
 """
 
 from __future__ import annotations

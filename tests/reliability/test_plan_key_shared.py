@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from tarflow.app.cli_args import model_from_args
 from tarflow.cli import bench
-from tarflow.cli.common import load_model
 from tarflow.conf import CONFIG_DIR
 from tarflow.sampling import PlanCache, PlannerOptions
 from tarflow.sampling.choose import choose_schedule
@@ -38,7 +38,7 @@ def test_eval_reuses_the_plan_bench_made_for_the_same_settings(tmp_path, capsys)
             "--repeats", "1", "--warmup", "0", "--probe", "8", "--plan-cache", str(cache)]
     assert bench.main(argv) == 0
     assert "planned in" in capsys.readouterr().out
-    model, _ = load_model(bench.build_parser().parse_args(argv))
+    model, _ = model_from_args(bench.build_parser().parse_args(argv))
     settings = _eval_settings(f"sampler.tol={TOL}")
     assert PlanCache(cache).get(settings.plan_key(model, 2)) is not None
     _, plan = choose_schedule(settings, model, batch_size=2, plan_cache=str(cache), report=None)

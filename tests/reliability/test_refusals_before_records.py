@@ -95,7 +95,7 @@ def test_a_gpu_experiment_without_a_gpu_is_refused_with_the_cpu_hint(tmp_path: P
 
 # ----------------------------------------------------------------------------- item 3
 def test_trainer_cpu_under_an_8_gpu_experiment_is_one_process(tmp_path: Path) -> None:
-    from tarflow.app.startup import describe_processes, probe_trainer
+    from tarflow.app.checks.startup import describe_processes, probe_trainer
 
     paper = compose_train(tmp_path, ["experiment=img64_cond"])
     assert paper.trainer.devices == 8 and paper.trainer.strategy == "ddp"

@@ -42,7 +42,7 @@ def test_the_printed_schedule_reads_back_as_a_sampler_schedule(capsys):
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from tarflow.app.checks.train import normalise_schedule
+    from tarflow.app.checks.sampler import normalise_schedule
     from tarflow.conf import CONFIG_DIR
     from tarflow.sampling import parse_schedule
     from tarflow.sampling.settings import parse_sampler

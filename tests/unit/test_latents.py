@@ -9,9 +9,9 @@ import torch
 
 from tarflow.data import DataError
 from tarflow.data.latents import (
+    DRAFT,
     FORMAT,
     MANIFEST,
-    PLAN,
     LatentDataset,
     check_manifest,
     read_manifest,
@@ -47,7 +47,7 @@ def write_latents(root: Path, counts: dict[str, list[int]], *, both: bool = Fals
             "latent_shape": [4, 4, 4], "storage_dtype": "float16",
             "flip": "both" if both else "none", "shard_size": max(max(v) for v in counts.values()),
             "splits": splits}
-    write_json(root / PLAN, plan)
+    write_json(root / DRAFT, plan)
     if complete:
         write_json(root / MANIFEST, {**plan, "complete": True})
     return plan

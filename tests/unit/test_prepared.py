@@ -145,7 +145,7 @@ def test_interrupted_preparation_resumes(tmp_path, kind):
         src,
         out,
         progress=lambda s, n: seen.append((s, n)),
-        on_plan=lambda p, state, done: states.append((state, done)),
+        on_draft=lambda p, state, done: states.append((state, done)),
         **kw,
     )
     first = clean["splits"]["train"]["parts"][0]

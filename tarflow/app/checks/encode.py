@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from tarflow.data.latents import (
+    DRAFT,
     FORMAT,
     MANIFEST,
-    PLAN,
     STORAGE_DTYPES,
     read_manifest,
     shard_count,
@@ -96,7 +96,7 @@ def comparable(draft: dict[str, Any]) -> dict[str, Any]:
 
 def claim_out_dir(out: Path, draft: dict[str, Any]) -> bool:
     """Compare with what the directory already holds; True when it is complete already."""
-    for name in (MANIFEST, PLAN):
+    for name in (MANIFEST, DRAFT):
         path = out / name
         if not path.is_file():
             continue

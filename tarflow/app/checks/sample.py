@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from tarflow.app.checks.common import check_device, check_dtype, checkpoint_file
 from tarflow.app.checks.eval_inputs import check_adm_reference, check_ranks, check_samples
 from tarflow.app.checks.paths import check_writable, expand_user_paths
-from tarflow.app.checks.train import check_fid_reference, check_sampler, normalise_schedule
+from tarflow.app.checks.sampler import check_fid_reference, check_sampler, normalise_schedule
 from tarflow.app.distributed import World
 from tarflow.app.sample_outputs import check_out_dir
 from tarflow.app.sample_shards import file_fingerprint, set_identity

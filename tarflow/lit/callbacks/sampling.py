@@ -46,7 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from tarflow.data.subsets import fixed_subset, stack_items
 from tarflow.eval import FeatureStats, ReferenceStats, frechet_distance
-from tarflow.eval.fid_at_n import feature_extractor, sample_set
+from tarflow.eval.fid_at_n import draw_set, feature_extractor
 from tarflow.lit.callbacks.media import log_media
 from tarflow.lit.callbacks.reference import logged_reference_stats
 from tarflow.lit.callbacks.rounds import (
@@ -311,7 +311,7 @@ class SamplingCallback(Callback):
             if self.samples_dir:
                 kept.append(SampledBatch(batch.indices, batch.labels, images.cpu(), batch.stats))
 
-        run = sample_set(net, shard, schedule, seed=self.seed, batch_size=self.batch_size,
+        run = draw_set(net, shard, schedule, seed=self.seed, batch_size=self.batch_size,
                          knobs=self.settings.knobs, space=self._space, extractor=extractor,
                          trace=trace, on_batch=keep)
         if self.samples_dir:

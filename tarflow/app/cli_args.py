@@ -1,4 +1,5 @@
-"""Shared argparse pieces of the Hydra-free CLIs (tarflow-rank, tarflow-bench)."""
+"""Shared argparse pieces of the Hydra-free commands (tarflow-rank, tarflow-bench,
+tarflow-fid-weights, tarflow-train-ae)."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def aliases() -> str:
     return ", ".join(f"{alias} (= {name})" for alias, name in sorted(ALIASES.items()))
 
 
-def load_model(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
+def model_from_args(args: argparse.Namespace) -> tuple[TarFlow, PixelSpace]:
     """The network (a checkpoint, or a fresh ``--preset``) and its space, on ``--device``."""
     torch.manual_seed(args.seed)
     if args.preset:
