@@ -147,6 +147,9 @@ def _run(cfg: DictConfig, world: distributed.World) -> dict[str, Any] | None:
                         time.perf_counter() - started)
 
     result = on_main(world, finish)
+    if world.is_main and space.latent:  # which autoencoder decoded the set (its fingerprint)
+        result["autoencoder"] = space.record.to_dict()
+        atomic_write(Path(cfg.out_dir) / SUMMARY, json.dumps(result, indent=2, default=str))
     return result if world.is_main else None
 
 

@@ -115,7 +115,7 @@ def test_sample_and_eval_decode_transparently(run, tmp_path: Path) -> None:
         f"fid.extractor={{_target_:{SPY}}}", "sampler=jacobi", f"out_dir={tmp_path / 'eval'}"]))
     assert np.isfinite(ev["val/latent_nll"]) and "val/bpd" not in ev
     assert ev["latent_nll_images"] == 6 and np.isfinite(ev["val/fid_4"])
-    assert ev["decode_seconds"] > 0 and ev["fid_reference"]["img_size"] == 8
+    assert ev["seconds"]["decode"] > 0 and ev["fid_reference"]["img_size"] == 8
 
 
 def test_bench_times_latent_sampling_and_states_the_decode_cost(run, tmp_path: Path,
