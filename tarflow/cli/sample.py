@@ -188,7 +188,7 @@ def _job(cfg: DictConfig) -> float | None:
     with one_line_errors(), logged:
         check_job_types(cfg)  # num_samples=abc: one line naming the key
         result = run(cfg)
-    return result.get("seconds_per_image")
+    return None if result is None else result.get("seconds_per_image")  # None: not rank 0
 
 
 def main() -> None:

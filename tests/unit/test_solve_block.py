@@ -18,7 +18,7 @@ from tarflow.sampling import (
     sample,
     sample_sequential,
 )
-from tarflow.sampling.fixed_point import INITS, initial_guess
+from tarflow.sampling.fixed_point import INPUT_INITS, initial_guess
 from tarflow.sampling.knobs import DEFAULTS, KNOBS, guidance_of, knobs_of, parse_knobs
 from tarflow.sampling.schedule import format_block
 from tarflow.sampling.settings import KNOWN_KEYS, parse_sampler
@@ -51,7 +51,7 @@ def test_a_guess_at_the_solution_is_solved_in_one_iteration():
     assert stats.iters == {0: 1, 1: 1}
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     # The schedule's own guess needs more iterations, for the same images.
-    for init in INITS:
+    for init in INPUT_INITS:  # the guesses made from the block's input alone
         out_init, stats_init = sample(model, z, y, SamplingSchedule.jacobi(init=init, tol=1e-20))
         assert all(n > 1 for n in stats_init.iters.values())
         torch.testing.assert_close(out_init, ref, atol=1e-10, rtol=0)
@@ -77,6 +77,8 @@ def test_bad_guesses_are_refused():
     with pytest.raises(ValueError, match="supplied initial guess"):
         sample(model, z, None, SamplingSchedule.jacobi(), guesses={1: z[:, :3]})
     with pytest.raises(ValueError, match="init="):
+        initial_guess(z, "nearest")
+    with pytest.raises(ValueError, match="needs the student's guess"):
         initial_guess(z, "student")
 
 
