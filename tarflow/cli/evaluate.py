@@ -64,7 +64,7 @@ from tarflow.app.eval_metrics import (
     run_together,
     score,
 )
-from tarflow.app.eval_sampler import choose_sampler, sampler_lines
+from tarflow.app.eval_sampler import choose_sampler, sampler_lines, task_overrides
 from tarflow.app.logs import job_log
 from tarflow.app.runs import remove_new_run_dir, save_records, write_keeping_previous
 from tarflow.app.sweep_jobs import run_job
@@ -221,7 +221,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     world = world_from_env()
     # By default FID samples as validation did (the checkpoint records its sampler).
     draws = cfg.fid.enabled and not cfg.get("samples") and cfg.get("ckpt_path")
-    sampling = choose_sampler(cfg, _task_overrides()) if draws else None
+    sampling = choose_sampler(cfg, task_overrides()) if draws else None
     checked = check_eval_config(cfg, world)  # also fills in cfg.data from the checkpoint's record
     save_records(cfg)
     setup(world)
@@ -245,7 +245,7 @@ def _run(cfg: DictConfig, world: World, checked: Any, sampling: dict | None) -> 
     results: dict[str, Any] = {"checkpoint": str(checked.path.resolve()) if checked else None,
                                "model": loaded.net.config.tag if loaded else None,
                                "data": {k: data.get(k) for k in ("name", "root", "split")},
-                               "overrides": _task_overrides(), "ranks": world.size}
+                               "overrides": task_overrides(), "ranks": world.size}
     if loaded is not None and loaded.space.latent:
         results["autoencoder"] = loaded.space.record.to_dict()
     if cfg.bpd.enabled and loaded is not None and is_student(loaded.net):
@@ -278,15 +278,6 @@ def _run(cfg: DictConfig, world: World, checked: Any, sampling: dict | None) -> 
             print(f"{key}: {value:.4f}")
     print(f"results written to {out / 'eval.json'}")
     return results
-
-
-def _task_overrides() -> list[str]:
-    """The command line's overrides of this job (a sweep's summary table shows them)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return list(HydraConfig.get().overrides.task)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="eval")
