@@ -171,7 +171,7 @@ def decide_methods(args, model, methods: dict[str, Method], ranking, batch: int,
         if m.plan:
             settings = planned_settings(args, m.net_dtype)
             schedule, plan = settings.schedule_for(model, ranking, batch, cache=cache,
-                                                   seed=seed)
+                                                   seed=seed, student=m.student)
             print(f"{name} at batch {batch}: {plan.table()}")
             out[name] = replace(m, schedule=schedule)
     return out

@@ -194,6 +194,10 @@ class Plan:
         shares: CRM share per block (percent) of the ranking the plan was made under.
         source: "planned" or "cache".
         precision: the low-precision decision (:class:`PrecisionNote`).
+        guess_seconds: the student's guess per call, included in ``predicted_seconds`` (0: no
+            block starts from it).
+        guess_timed: what that guess cost on the probes when a student was offered (None:
+            none was), whether or not the plan kept it.
     """
 
     schedule: SamplingSchedule
@@ -206,6 +210,8 @@ class Plan:
     shares: dict[int, float] | None = None
     source: str = "planned"
     precision: PrecisionNote = field(default_factory=PrecisionNote)
+    guess_seconds: float = 0.0
+    guess_timed: float | None = None
 
     @property
     def predicted_speedup(self) -> float:
@@ -217,9 +223,12 @@ class Plan:
         calls = self.planning_seconds / max(self.predicted_seconds, 1e-12)
         how = ("reused from cache" if self.source == "cache"
                else f"planned in {self.planning_seconds:.2f} s = {calls:.1f} calls")
+        guess = ("" if self.guess_timed is None else
+                 f", student's guess {self.guess_timed * 1e3:.1f} ms: "
+                 + ("included" if self.guess_seconds else "not worth it"))
         return (f"plan {format_schedule(self.schedule)}: predicted "
                 f"{self.predicted_seconds * 1e3:.1f} ms per call, "
-                f"{bound}{self.predicted_speedup:.2f}x sequential ({how})")
+                f"{bound}{self.predicted_speedup:.2f}x sequential ({how}{guess})")
 
     def rows(self) -> tuple[list[str], list[list[Any]]]:
         """Table of the plan: one row per block and candidate (the ``sampling/plan`` table)."""
@@ -247,7 +256,8 @@ class Plan:
                 "planning_seconds": self.planning_seconds, "key": self.key,
                 "shares": None if self.shares is None else {str(b): v
                                                             for b, v in self.shares.items()},
-                "precision": asdict(self.precision)}
+                "precision": asdict(self.precision), "guess_seconds": self.guess_seconds,
+                "guess_timed": self.guess_timed}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "cache") -> Plan:
@@ -260,7 +270,8 @@ class Plan:
                    float(d["sequential_seconds"]), bool(d.get("sequential_complete", True)),
                    float(d.get("planning_seconds", 0.0)), dict(d.get("key") or {}),
                    None if shares is None else {int(b): float(v) for b, v in shares.items()},
-                   source, PrecisionNote(**d["precision"]))
+                   source, PrecisionNote(**d["precision"]),
+                   float(d.get("guess_seconds") or 0.0), d.get("guess_timed"))
 
 
 # ------------------------------------------------------------------------------- keys
@@ -293,7 +304,9 @@ def fingerprint(model: TarFlow) -> str:
 
 def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
              net_dtypes: tuple[str, ...] = (), precision_gate: bool = True,
-             weights: bool = True, options: PlannerOptions = PlannerOptions()) -> dict[str, Any]:
+             weights: bool = True, options: PlannerOptions = PlannerOptions(),
+             student: torch.nn.Module | None = None,
+             student_steps: int | None = None) -> dict[str, Any]:
     """What decides a plan: the one place a plan-cache key is built (every command and the
     validation callback reach it through ``SamplerSettings.plan_key``).
 
@@ -302,10 +315,13 @@ def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
     :func:`plan_schedule`'s: the same dtypes with and without the accuracy check may choose
     differently. Guidance enters by every knob (``tarflow.sampling.knobs``) and the planner's
     options by every field, defaults included, so that settings which plan alike key alike
-    however they were written."""
+    however they were written. A student offered to the planner enters by its weights and
+    steps (absent without one, so plans made without a student keep their keys)."""
     param = next(model.parameters())
     cfg = model.config
-    return {"model": f"weights:{fingerprint(model)}" if weights else f"config:{cfg.tag}",
+    extra = {} if student is None else {"student": {"weights": fingerprint(student),
+                                                    "steps": student_steps}}
+    return {**extra,"model": f"weights:{fingerprint(model)}" if weights else f"config:{cfg.tag}",
             "img": [cfg.img_size, cfg.in_channels, cfg.num_classes],
             "device": device_name(param.device), "batch": int(batch_size),
             "dtype": str(param.dtype).removeprefix("torch."),

@@ -14,6 +14,12 @@ and keeps the fastest:
   segment even where one would do);
 - Jacobi also without freezing (whole causal passes and no K/V cache instead of the frontier;
   tried on the first block sampled, the faster variant kept for the rest);
+- with a distilled student (``student``): Jacobi from the student's guess (its sample pushed
+  through the teacher's forward pass gives every block's input, ``init="student"``), and the GS
+  walk from that guess where it beat the input-made one. Computing the guess is one student call
+  and one teacher forward pass per sampling call, paid once for every block that uses it: it is
+  timed on each probe round and a plan keeps the student only where its blocks' savings exceed
+  that cost (``Plan.guess_seconds``); otherwise the best plan without it is kept;
 - each Jacobi structure also with a low-precision network where the caller allows one and a
   short probe of single network passes shows it is faster at that segment length. A plan that
   runs one is kept only if it moves the probe samples from the same plan's in full precision
@@ -48,6 +54,7 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -55,10 +62,11 @@ from dataclasses import replace
 import torch
 
 from tarflow.model import Guidance, TarFlow
+from tarflow.model.student import Student
 from tarflow.sampling.plan import BlockPlan, Candidate, Plan, PlannerOptions, PrecisionNote
 from tarflow.sampling.precision import dtype_name, network_copy
 from tarflow.sampling.ranking import BlockRank
-from tarflow.sampling.sample import precision_errors
+from tarflow.sampling.sample import _sync, precision_errors
 from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.schedule import (
     SEQUENTIAL,
@@ -66,6 +74,7 @@ from tarflow.sampling.schedule import (
     SamplingSchedule,
     format_block,
 )
+from tarflow.sampling.student import student_guesses
 from tarflow.sampling.timing import pass_seconds, time_candidate, with_test_interval
 
 # timer(block, candidate, measured seconds) -> seconds to use. Tests inject costs through it.
@@ -76,7 +85,8 @@ Timer = Callable[[int, BlockSchedule, float], float]
 def plan_schedule(model: TarFlow, ranking: list[BlockRank] | None, *, batch_size: int,
                   tol: float, guidance: Guidance = Guidance(), net_dtypes: tuple[str, ...] = (),
                   precision_gate: bool = True, seed: int = 0,
-                  options: PlannerOptions = PlannerOptions(), timer: Timer | None = None) -> Plan:
+                  options: PlannerOptions = PlannerOptions(), timer: Timer | None = None,
+                  student: Student | None = None, student_steps: int | None = None) -> Plan:
     """Measure and return the fastest per-block schedule for this model, device and batch.
 
     Args:
@@ -95,6 +105,9 @@ def plan_schedule(model: TarFlow, ranking: list[BlockRank] | None, *, batch_size
         options: search knobs (:class:`PlannerOptions`).
         timer: replaces each measured time (tests inject costs); it also disables stopping
             over-budget candidates, which relies on the wall clock.
+        student: a distilled student of ``model``: its guess (``init="student"``) becomes a
+            candidate of every block, its cost counted once per call (see the module
+            docstring). ``student_steps``: its Euler steps K (None: its own).
 
     Returns:
         A :class:`Plan` (schedule, per-block candidates and costs, planning time, and the
@@ -104,21 +117,23 @@ def plan_schedule(model: TarFlow, ranking: list[BlockRank] | None, *, batch_size
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     guidance.check(model.config.conditional)
     t_start = time.perf_counter()
+    learned = (student, student_steps)
     planner = _Planner(model, ranking, batch_size, tol, guidance, net_dtypes, seed, options,
-                       timer)
+                       timer, learned)
     plan = planner.run()
     note = planner.precision_note(plan, net_dtypes)
     note.gate = precision_gate
     if note.blocks:  # the fastest plan runs a low-precision network: how far off are samples?
         noise, y = planner.inputs(0)
-        note.error, note.full_error = precision_errors(model, noise, y, plan.schedule, guidance)
+        note.error, note.full_error = precision_errors(model, noise, y, plan.schedule, guidance,
+                                                       student=student, steps=student_steps)
         note.bound = max(tol, note.full_error)
         within = note.error <= note.bound
         if precision_gate and not within:
             note.reason = (f"too inaccurate (sample error {note.error:.1e} > bound "
                            f"{note.bound:.1e}): planned again in full precision")
             plan = _Planner(model, ranking, batch_size, tol, guidance, (), seed, options,
-                            timer).run()
+                            timer, learned).run()
         else:
             note.kept = True
             note.reason = ("faster, and the samples within bound" if precision_gate
@@ -134,7 +149,8 @@ class _Planner:
 
     def __init__(self, model: TarFlow, ranking: list[BlockRank] | None, batch_size: int,
                  tol: float, guidance: Guidance, net_dtypes: tuple[str, ...], seed: int,
-                 options: PlannerOptions, timer: Timer | None) -> None:
+                 options: PlannerOptions, timer: Timer | None,
+                 learned: tuple[Student | None, int | None] = (None, None)) -> None:
         self.t_start = time.perf_counter()
         self.model, self.ranking, self.batch = model, ranking, batch_size
         self.tol, self.guidance, self.seed, self.opt, self.timer = (tol, guidance, seed,
@@ -151,6 +167,9 @@ class _Planner:
         self.pass_cost: dict[tuple[str | None, str], float] = {}
         self.freeze_pref: bool | None = None  # Jacobi with freezing beat without, on block T-1
         self.timed_low: set[str] = set()  # low dtypes some candidate was timed in
+        self.student, self.student_steps = learned
+        self.guesses: dict[int, torch.Tensor] = {}  # the student's guess per block, this round
+        self.guess_seconds: list[float] = []  # what computing them cost, per round
 
     # ------------------------------------------------------------------------- the search
     def run(self) -> Plan:
@@ -168,6 +187,7 @@ class _Planner:
     def search(self) -> Plan:
         noise, y = self.inputs(0)
         self.pass_cost = pass_seconds(self.model, self.nets, noise, y, self.guidance)
+        self.make_guesses(noise, y, warm_up=True)
         ranks = {r.block: r for r in self.ranking or []}
         alive: dict[int, list[str]] | None = None  # None: round 0 tries every candidate
         winner: BlockSchedule | None = None
@@ -181,6 +201,7 @@ class _Planner:
                                   for b, labels in alive.items()):
                     break  # two rounds on different noise agree, or it is a tie
                 noise, y = self.inputs(r)
+                self.make_guesses(noise, y)
             x = noise
             for block in reversed(self.model.blocks):
                 b = block.index
@@ -208,7 +229,8 @@ class _Planner:
                 firsts[b].append(self.label(winner))
             if alive is None:
                 alive = {b: list(self.table[b]) for b in range(self.T)}
-        return self.plan({b: self.close(b, labels)[0] for b, labels in alive.items()}, noise)
+        choice = {b: self.close(b, labels)[0] for b, labels in alive.items()}
+        return self.plan(self.worth_the_guess(choice), noise)
 
     def inputs(self, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Probe noise and labels of round ``r``: members ``r * B .. (r + 1) * B - 1`` of the
@@ -217,6 +239,41 @@ class _Planner:
         members = range(r * self.batch, (r + 1) * self.batch)
         noise, y = fixed_inputs(self.model, members, self.seed)
         return noise.to(self.device, self.dtype), None if y is None else y.to(self.device)
+
+    def make_guesses(self, noise: torch.Tensor, y, *, warm_up: bool = False) -> None:
+        """The student's guess of every block for this round's noise, and its cost (the first
+        call of a process warms up kernels: not timed)."""
+        if self.student is None:
+            return
+        for _ in range(2 if warm_up else 1):
+            _sync(noise.device)
+            t0 = time.perf_counter()
+            self.guesses = student_guesses(self.model, self.student, noise, y, self.guidance,
+                                           steps=self.student_steps)
+            _sync(noise.device)
+        self.guess_seconds.append(time.perf_counter() - t0)
+
+    def uses_guess(self, label: str, b: int) -> bool:
+        return self.settings[b][label].init == "student"
+
+    def worth_the_guess(self, choice: dict[int, str]) -> dict[int, str]:
+        """``choice``, or the best choice without the student's guess where the blocks that
+        use it save less than computing it costs. Without the guess, each such block takes
+        its fastest other candidate (a stopped one counts at its lower bound, which favours
+        dropping the guess)."""
+        if not any(self.uses_guess(lb, b) for b, lb in choice.items()):
+            return choice
+        cost = self.table
+        without = {b: lb if not self.uses_guess(lb, b) else
+                   min((o for o in cost[b] if not self.uses_guess(o, b)),
+                       key=lambda o: cost[b][o].cost) for b, lb in choice.items()}
+        saved = sum(cost[b][without[b]].cost - cost[b][lb].cost for b, lb in choice.items())
+        return choice if saved > self.guess_cost else without
+
+    @property
+    def guess_cost(self) -> float:
+        """Median seconds of computing the student's guesses once (0: no student)."""
+        return statistics.median(self.guess_seconds) if self.guess_seconds else 0.0
 
     def try_candidate(self, block, x: torch.Tensor, y, cand: BlockSchedule) -> None:
         """Time one candidate (stopped past ``margin`` x the best so far) and record it."""
@@ -227,8 +284,9 @@ class _Planner:
                   else self.opt.margin * self.best)
         if cand.net_dtype in self.nets:
             self.timed_low.add(cand.net_dtype)
+        guess = self.guesses.get(b) if cand.init == "student" else None
         seconds, out, iters = time_candidate(block, x, y, cand, self.guidance, self.nets,
-                                             budget)
+                                             budget, guess)
         if self.timer is not None:
             seconds = self.timer(b, cand, seconds)
         entry.seconds.append(seconds)
@@ -251,13 +309,14 @@ class _Planner:
         there (``freeze_pref``): which pays is a matter of pass cost, the same in every block.
         """
         freezes = (True, False) if self.freeze_pref is None else (self.freeze_pref,)
-        order = [replace(base, net_dtype=d, freeze=f) for d in self.dtypes_for(1)
-                 for f in freezes]
+        inits = (base.init, "student") if self.student is not None else (base.init,)
+        order = [replace(base, net_dtype=d, freeze=f, init=i) for i in inits
+                 for d in self.dtypes_for(1) for f in freezes]
         seq = BlockSchedule(SEQUENTIAL, None, "z", self.tol)  # no guess, no network copy
         order.append(seq)
         if winner is not None:
             guess = seq if winner.segments == SEQUENTIAL else replace(
-                base, net_dtype=winner.net_dtype, freeze=freezes[0])
+                base, net_dtype=winner.net_dtype, freeze=freezes[0], init=winner.init)
         else:
             steps = (self.N - 1) * self.pass_cost[(None, "one")]
             passes = (8 if tough else 4) * self.pass_cost[(None, "long")]
@@ -280,8 +339,16 @@ class _Planner:
         return with_.cost <= without.cost
 
     def walk_segments(self, block, x: torch.Tensor, y, base: BlockSchedule) -> None:
-        """More segments, upwards from Jacobi, per dtype, while each step is faster."""
+        """More segments, upwards from Jacobi, per dtype, while each step is faster; from the
+        student's guess where Jacobi from it beat Jacobi from ``base.init``."""
         entries = self.table[block.index]
+        if self.student is not None:
+            d = self.dtypes_for(1)[0]
+            own, learned = (entries.get(self.label(replace(base, net_dtype=d, init=i)))
+                            for i in (base.init, "student"))
+            if learned is not None and learned.complete and (
+                    own is None or not own.complete or learned.cost < own.cost):
+                base = replace(base, init="student")
         for d in dict.fromkeys(self.dtypes_for(2) + self.dtypes_for(8)):
             prev = entries.get(self.label(replace(base, net_dtype=d)))
             for S in (s for s in self.opt.segments if 1 < s <= self.N // 2):
@@ -359,7 +426,9 @@ class _Planner:
 
     def plan(self, choice: dict[int, str], noise: torch.Tensor) -> Plan:
         chosen = {b: self.settings[b][label] for b, label in choice.items()}
-        predicted = sum(self.table[b][label].cost for b, label in choice.items())
+        guessed = any(s.init == "student" for s in chosen.values())
+        guess_seconds = self.guess_cost if guessed else 0.0
+        predicted = sum(self.table[b][label].cost for b, label in choice.items()) + guess_seconds
         chosen = with_test_interval(chosen, {b: self.table[b][lb] for b, lb in choice.items()},
                                     noise, self.tol, self.opt.max_check_every)
         blocks = [BlockPlan(b, "identity" if choice[b] == "identity" else self.label(chosen[b]),
@@ -369,7 +438,9 @@ class _Planner:
                     sum(c.cost for c in seq if c is not None),
                     all(c is not None and c.complete for c in seq),
                     planning_seconds=time.perf_counter() - self.t_start,
-                    shares={r.block: r.share for r in self.ranking} if self.ranking else None)
+                    shares={r.block: r.share for r in self.ranking} if self.ranking else None,
+                    guess_seconds=guess_seconds,
+                    guess_timed=self.guess_cost if self.student is not None else None)
 
 
 def _as_schedule(chosen: dict[int, BlockSchedule]) -> SamplingSchedule:

@@ -178,7 +178,9 @@ def sample_gs_jacobi(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None
 
 @torch.no_grad()
 def precision_errors(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None,
-                     schedule: SamplingSchedule, guidance: Guidance) -> tuple[float, float]:
+                     schedule: SamplingSchedule, guidance: Guidance, *,
+                     student: Student | None = None, steps: int | None = None
+                     ) -> tuple[float, float]:
     """How far a low-precision network moves the samples, and how far the tolerance alone does.
 
     Both in the stopping test's metric, the largest per-sample mean((x - x_ref)^2) /
@@ -187,10 +189,13 @@ def precision_errors(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None
     Returns:
         (``schedule``'s samples against the same schedule with every network in full
         precision, that full-precision schedule's samples against the sequential loop's).
+        ``student`` (and its ``steps``): the guess of blocks with ``init="student"``.
     """
     knobs = knobs_of(guidance)
+    if student is not None:
+        knobs = {**knobs, "student": student, "steps": steps}
     low = sample(model, noise, y, schedule, **knobs)[0]
     full = sample(model, noise, y, schedule.with_settings(net_dtype=None), **knobs)[0]
-    exact = sample(model, noise, y, None, **knobs)[0]
+    exact = sample(model, noise, y, None, **knobs)[0]  # the sequential loop: no guess used
     return (float(relative_residual(full, low).max()),
             float(relative_residual(exact, full).max()))

@@ -37,9 +37,11 @@ from tarflow.model import Guidance, TarFlow
 from tarflow.sampling.knobs import KNOBS, guidance_of, parse_knobs
 from tarflow.sampling.plan import Plan, PlanCache, plan_key, ranking_moved
 from tarflow.sampling.planner import PlannerOptions, Timer, plan_schedule
+from tarflow.model.student import Student
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.ranking import BlockRank, schedule_from_ranking
 from tarflow.sampling.schedule import SamplingSchedule, build_schedule
+from tarflow.sampling.student import resolve_student
 
 AUTO = "auto"  # the planner
 PAPER = "auto:paper"  # the paper's fixed CRM/IGM rule
@@ -140,7 +142,8 @@ class SamplerSettings:
 
     def schedule_for(self, net: TarFlow, ranking: list[BlockRank] | None, batch_size: int, *,
                      cache: PlanCache | None = None, weights: bool = True, seed: int = 0,
-                     timer: Timer | None = None) -> tuple[SamplingSchedule, Plan | None]:
+                     timer: Timer | None = None, student: Student | None = None
+                     ) -> tuple[SamplingSchedule, Plan | None]:
         """The schedule to sample ``batch_size`` at a time with, and the plan behind it.
 
         For ``schedule: auto`` the plan comes from ``cache`` when one was made for the same key
@@ -153,30 +156,44 @@ class SamplerSettings:
             weights: key on the weights' fingerprint (fixed weights: the CLIs) or only on the
                 architecture (training, where the ranking decides when to re-plan).
             timer: the planner's cost override (tests), see :func:`plan_schedule`.
+            student: a distilled student the planner may start blocks from (default: the
+                one ``sampler.student`` names, if any).
         """
         if not self.is_planned:
             return self.resolve(ranking, net.config.num_patches), None
         allowed, gate = self.planner_net_dtypes
-        key = self.plan_key(net, batch_size, weights=weights)
+        student = self.student_for(net, student)
+        key = self.plan_key(net, batch_size, weights=weights, student=student)
         shares = {r.block: r.share for r in ranking} if ranking else None
         plan = cache.get(key) if cache is not None else None
         options = self.planner_options
         if plan is None or ranking_moved(plan.shares, shares, tough_factor=options.tough_factor):
             plan = plan_schedule(net, ranking, batch_size=batch_size, tol=self.tol,
                                  guidance=self.guidance, net_dtypes=allowed,
-                                 precision_gate=gate, seed=seed, options=options, timer=timer)
+                                 precision_gate=gate, seed=seed, options=options, timer=timer,
+                                 student=student, student_steps=self.knobs.get("steps"))
             plan.key = key
             if cache is not None:
                 cache.put(plan)
         return plan.schedule, plan
 
-    def plan_key(self, net: TarFlow, batch_size: int, *, weights: bool = True) -> dict[str, Any]:
+    def plan_key(self, net: TarFlow, batch_size: int, *, weights: bool = True,
+                 student: Student | None = None) -> dict[str, Any]:
         """The cache key of this sampler's plans for ``net`` at ``batch_size``
         (:func:`plan_key`, the one place a key is built)."""
         allowed, gate = self.planner_net_dtypes
         return plan_key(net, batch_size=batch_size, tol=self.tol, guidance=self.guidance,
                         net_dtypes=allowed, precision_gate=gate, weights=weights,
-                        options=self.planner_options)
+                        options=self.planner_options,
+                        student=self.student_for(net, student),
+                        student_steps=self.knobs.get("steps"))
+
+    def student_for(self, net: TarFlow, student: Student | None = None) -> Student | None:
+        """The student the planner is offered: ``student``, else the checkpoint that
+        ``sampler.student`` names (loaded once per process), else None."""
+        if student is not None:
+            return student
+        return resolve_student(self.knobs.get("student"), next(net.parameters()))
 
 
 def parse_sampler(config: Mapping[str, Any] | None) -> SamplerSettings:

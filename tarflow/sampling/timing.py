@@ -24,12 +24,13 @@ class OverBudget(Exception):
 
 
 def time_candidate(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Guidance,
-                   nets: dict[str, TarFlow], budget: float | None
-                   ) -> tuple[float, torch.Tensor | None, int]:
+                   nets: dict[str, TarFlow], budget: float | None,
+                   guess: torch.Tensor | None = None) -> tuple[float, torch.Tensor | None, int]:
     """(seconds, block output or None if abandoned, critical-path passes) of one candidate.
 
     Times exactly what sampling runs for the block: :func:`solve_block` (``nets``: the model's
-    low-precision copies by dtype name). An abandoned Jacobi run reports the time
+    low-precision copies by dtype name; ``guess``: a supplied initial guess, raster order, for a
+    candidate with ``init="student"``). An abandoned Jacobi run reports the time
     it was stopped at (a lower bound); an abandoned sequential loop reports that time scaled to
     all N - 1 steps (its steps cost nearly the same), which is what makes a plan's predicted
     speed-up over sequential an estimate rather than a bound.
@@ -49,7 +50,7 @@ def time_candidate(block, x: torch.Tensor, y, cand: BlockSchedule, guidance: Gui
     callback = None if deadline is None else stop_if_late
     try:
         out, stats = solve_block(block, x, y, cand, guidance=guidance, nets=nets,
-                                 callback=callback, on_step=callback)
+                                 guess=guess, callback=callback, on_step=callback)
     except OverBudget:
         seconds = time.perf_counter() - t0
         if cand.is_sequential(N):

@@ -117,7 +117,7 @@ def test_an_inaccurate_bf16_plan_is_dropped_and_planned_again_in_full_precision(
 def test_the_bound_is_tol_or_the_full_precision_plans_own_error(pass_ratio, monkeypatch,
                                                                  errors, kept):
     pass_ratio["value"] = 0.6
-    monkeypatch.setattr(planner_module, "precision_errors", lambda *a: errors)
+    monkeypatch.setattr(planner_module, "precision_errors", lambda *a, **kw: errors)
     note = _plan({"tol": 0.04})[0].precision
     assert note.kept == kept and note.bound == max(0.04, errors[1])
 
