@@ -12,12 +12,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 
+from tests.integration.conftest import REPO
 from tests.integration.fake_slurm import JOB_ID, LOG_ENV, PROBE_ENV, install
 from tests.integration.test_sample_eval_cli import EXTRACTOR, FAKE, checkpoint  # noqa: F401
 from tests.reliability.helpers import (
     TINY,
+    snapshot,
     assert_one_line_error,
     run_cli,
     run_clis,
@@ -79,6 +82,34 @@ def test_the_slurm_job_script_runs_with_the_world_slurm_describes(tmp_path: Path
     assert failed["error"] == "RuntimeError: world probe: stopped before the process group"
     assert "failed: RuntimeError: world probe" in (sweep / "summary.md").read_text()
     assert (sweep / ".submitit" / JOB_ID / f"{JOB_ID}_0_log.out").is_file()
+
+
+def test_a_requeued_sweep_job_continues_from_its_last_checkpoint(tmp_path: Path) -> None:
+    """What a requeue is to a job: the same command line again in the same job folder (SLURM
+    restarts submitit's job after a timeout or preemption). Here the sweep process is killed
+    with SIGKILL two steps past the job's epoch-0 checkpoint, then started again as it was: the
+    job continues from its last.ckpt to the end; a third start finds it finished and trains
+    nothing."""
+    from tests.reliability.hooks import KILL_ENV
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "trainer.max_epochs=2", "logger=csv", "final_samples.enabled=false",
+            "+callbacks.killer._target_=tests.reliability.hooks.KillAtStep",
+            "module.optim.lr=1e-3", f"hydra.sweep.dir={sweep}", f"paths.root_dir={tmp_path}"]
+    env = subprocess_env(tmp_path / "wandb_home")
+    killed = run_cli("train", *args, cwd=REPO, env={**env, KILL_ENV: "6"})
+    last = sweep / "0" / "checkpoints" / "last.ckpt"
+    assert killed.code == -9 and last.is_file(), killed.err[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # 4 steps an epoch
+    again = run_cli("train", *args, cwd=REPO, env=env)
+    assert again.code == 0, again.err[-3000:]
+    assert f"continuing this sweep job from {last}" in again.out + again.err
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+    assert "\n| 0 | " in (sweep / "summary.md").read_text()  # the job's row
+    before = snapshot(sweep / "0")
+    third = run_cli("train", *args, cwd=REPO, env=env)
+    assert third.code == 0 and "this sweep job had finished" in third.out, third.err[-2000:]
+    assert snapshot(sweep / "0") == before  # nothing trained or written again
 
 
 @pytest.mark.slow
