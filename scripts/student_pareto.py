@@ -2,8 +2,9 @@
 
 One process, one set of noises and labels (fixed-set members 0 .. N-1 at --seed), every row:
   teacher sequential · teacher auto (the planner at --tol) · student K = 1, 2, 4, 8 ·
-  teacher Jacobi from the student's guess in every block ("{else:S1/student}") · the auto plan
-  with its Jacobi blocks started from the student's guess.
+  teacher Jacobi from the student's guess in every block ("{else:S1/student}") · the planner
+  offered the student's guess as a candidate per block ("auto + student": it keeps the guess
+  only where it pays for its cost).
 Per row: seconds per image at each --batch (round-robin medians, tarflow.eval.bench), passes per
 block, distance from the sequential loop (relative error), FID@N (--fid N; not timed).
 A second part walks checkpoints of one training run (--along): each student's relative error to
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,16 +38,6 @@ from tarflow.sampling.plan import PlanCache
 from tarflow.sampling.sample_set import fixed_inputs
 from tarflow.sampling.schedule import SamplingSchedule
 from tarflow.sampling.settings import parse_sampler
-
-
-def student_init(schedule: SamplingSchedule) -> SamplingSchedule:
-    """The schedule with every Jacobi block started from the student's guess."""
-    blocks = {b: s if s.segments < 0 else replace(s, init="student")
-              for b, s in schedule.blocks.items()}
-    default = schedule.default
-    if default.segments >= 0:
-        default = replace(default, init="student")
-    return SamplingSchedule(blocks, default, name=(schedule.name or "plan") + "+student")
 
 
 def chart(points: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str, title: str,
@@ -114,7 +104,11 @@ def main() -> None:
             "jacobi from student": Method(jacobi_s, student=student),
         }
         if not args.no_auto:
-            methods["auto from student"] = Method(student_init(plan_schedule), student=student)
+            offered, plan = settings.schedule_for(teacher, None, B, cache=cache, seed=1,
+                                                  student=student)
+            print(f"B={B} plan with the student offered:\n{plan.table()}", flush=True)
+            methods["auto + student"] = Method(offered, student=student)
+            result[f"plan_student_{B}"] = plan.summary()
         if B == args.batch[0]:
             fid_methods = methods
         noise, y = fixed_inputs(teacher, range(B), args.seed)

@@ -63,3 +63,23 @@ def test_distill_run_saves_resumes_and_samples(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="another teacher"):
         train(compose_train(tmp_path, _overrides(other.save_checkpoint(tmp_path / "o.pt"),
                                                  pairs, 1), run="run2"))
+
+
+@pytest.mark.parametrize("experiment", ["demo_distill", "img64_distill"])
+def test_distill_experiments_compose_and_require_a_teacher(tmp_path: Path,
+                                                           experiment: str) -> None:
+    """Both distillation experiments compose with a teacher; the student is what trains and
+    samples (its K steps, no schedule), and the teacher is required before any work."""
+    from tarflow.app.checks.train import _check_no_missing_values
+
+    teacher = tmp_path / "teacher.ckpt"
+    cfg = compose_train(tmp_path, [f"experiment={experiment}", f"distill.teacher={teacher}"])
+    assert cfg.module._target_ == "tarflow.lit.distill.DistillLitModule"
+    assert cfg.data._target_ == "tarflow.lit.distill.DistillDataModule"
+    assert cfg.module.teacher == cfg.data.teacher == str(teacher)
+    assert cfg.sampler.name == "student" and cfg.sampler.steps == 1
+    assert cfg.module.pairs_sampler == cfg.distill.pairs.sampler
+    assert cfg.distill.pairs.sampler.tol <= 1e-3  # pairs from an accurate teacher sampler
+    missing = compose_train(tmp_path, [f"experiment={experiment}"], run="none")
+    with pytest.raises(ValueError, match="mandatory value.*distill.teacher"):
+        _check_no_missing_values(missing)
