@@ -343,8 +343,8 @@ class _Planner:
         student's guess where Jacobi from it beat Jacobi from ``base.init``."""
         entries = self.table[block.index]
         if self.student is not None:
-            d = self.dtypes_for(1)[0]
-            own, learned = (entries.get(self.label(replace(base, net_dtype=d, init=i)))
+            d, f = self.dtypes_for(1)[0], self.freeze_pref is not False
+            own, learned = (entries.get(self.label(replace(base, net_dtype=d, init=i, freeze=f)))
                             for i in (base.init, "student"))
             if learned is not None and learned.complete and (
                     own is None or not own.complete or learned.cost < own.cost):
