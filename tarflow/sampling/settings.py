@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tarflow.model import Guidance, TarFlow
+from tarflow.model.student import Student
 from tarflow.sampling.knobs import KNOBS, guidance_of, parse_knobs
 from tarflow.sampling.plan import Plan, PlanCache, plan_key, ranking_moved
 from tarflow.sampling.planner import PlannerOptions, Timer, plan_schedule
-from tarflow.model.student import Student
 from tarflow.sampling.precision import dtype_name
 from tarflow.sampling.ranking import BlockRank, schedule_from_ranking
 from tarflow.sampling.schedule import SamplingSchedule, build_schedule

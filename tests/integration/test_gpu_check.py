@@ -1,5 +1,6 @@
 """``scripts/gpu_check.py --cpu-smoke``: the GPU check's own code at toy sizes on the CPU, so the
-script a lent GPU runs in one call cannot rot between loans."""
+script a lent GPU runs in one call cannot rot between loans. The whole smoke run (a minute: DDP,
+FSDP and a pytest child) is nightly (``slow``); CI keeps the refusal without a GPU."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.integration.conftest import REPO
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_section(tmp_path: Path) -> None:
     out = tmp_path / "check"
     done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--cpu-smoke",

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import optuna
-import pytest
 import torch
 import yaml
 
@@ -20,10 +19,10 @@ from tests.integration.fake_slurm import JOB_ID, LOG_ENV, PROBE_ENV, install
 from tests.integration.test_sample_eval_cli import EXTRACTOR, FAKE, checkpoint  # noqa: F401
 from tests.reliability.helpers import (
     TINY,
-    snapshot,
     assert_one_line_error,
     run_cli,
     run_clis,
+    snapshot,
     subprocess_env,
 )
 
@@ -48,7 +47,6 @@ def test_the_slurm_launcher_follows_the_trainer_and_refuses_a_hand_set_mismatch(
     assert not sweep.exists()  # refused before anything was submitted or written
 
 
-@pytest.mark.slow
 def test_the_slurm_job_script_runs_with_the_world_slurm_describes(tmp_path: Path) -> None:
     """2 nodes x 4 tasks: submitit's sbatch script and srun line run (task 0 only, on this
     machine) and Lightning sees SLURM's world of 8 without a launcher of its own or a requeue
@@ -112,7 +110,6 @@ def test_a_requeued_sweep_job_continues_from_its_last_checkpoint(tmp_path: Path)
     assert snapshot(sweep / "0") == before  # nothing trained or written again
 
 
-@pytest.mark.slow
 def test_a_local_sweep_runs_its_jobs_as_separate_processes(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = run_cli("train", "-m", "hydra/launcher=local", "hydra.launcher.max_parallel=2",
@@ -128,7 +125,6 @@ def test_a_local_sweep_runs_its_jobs_as_separate_processes(tmp_path: Path) -> No
     assert len(pids) == 2 and str(os.getpid()) not in pids
 
 
-@pytest.mark.slow
 def test_the_sampler_search_writes_its_front_and_continues_after_a_kill(
         tmp_path: Path, checkpoint: Path) -> None:  # noqa: F811
     sweep = tmp_path / "search"

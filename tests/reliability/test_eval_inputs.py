@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tarflow.model import TarFlow, TarFlowConfig
-from tests.reliability.helpers import assert_one_line_error, run_cli, subprocess_env
+from tests.reliability.helpers import assert_one_line_error, call_main
 from tests.reliability.test_sample_eval_input import EXTRACTOR, QUIET
 
 
@@ -46,17 +46,24 @@ CASES = {
 }
 
 
+@pytest.mark.usefixtures("clean_hydra")
 @pytest.mark.parametrize("case", list(CASES))
-def test_refused_in_one_line_before_anything_is_written(inputs: dict[str, Path],
-                                                        case: str) -> None:
+def test_refused_in_one_line_before_anything_is_written(inputs: dict[str, Path], case: str,
+                                                        capsys, monkeypatch) -> None:
+    """Through ``tarflow-eval``'s ``main`` in this process, with the argv, cwd and rank
+    variables a shell or torchrun would set (a refusal comes before any rank is joined)."""
+    from tarflow.cli import evaluate
+
     extra, env, fragments = CASES[case]
     tmp = inputs["tmp"]
     out = tmp / "out" / case
     before = {p: p.stat().st_mtime_ns for p in tmp.glob("*.npz")}
     args = [a.format(tmp=tmp) for a in extra]
-    result = run_cli("evaluate", *args, "data.name=fake", *QUIET, EXTRACTOR,
-                     f"hydra.run.dir={out}", cwd=tmp,
-                     env=subprocess_env(tmp / "wandb_home", **env))
+    monkeypatch.chdir(tmp)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    result = call_main(evaluate.main, ["tarflow-eval", *args, "data.name=fake", *QUIET,
+                                       EXTRACTOR, f"hydra.run.dir={out}"], capsys)
     line = assert_one_line_error(result, *fragments)
     assert "Traceback" not in result.err, line
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))

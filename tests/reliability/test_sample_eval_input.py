@@ -1,7 +1,8 @@
 """``tarflow-sample`` and ``tarflow-eval`` refuse bad input in one line before any work, read the
 README's schedule notation, evaluate on the checkpoint's own data and never mix samples into a
 folder that holds other ones (issue 14, items 1, 5, 6, 7, 8 and 10), each through the real
-console entry point in a subprocess on tiny models.
+console entry point (in a subprocess, or its ``main`` in-process for the refusals) on tiny
+models.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from torch import nn
 from tarflow.conf import CONFIG_DIR
 from tarflow.model import TarFlow, TarFlowConfig
 from tests.integration.test_sampling_callback import TinyExtractor
-from tests.reliability.helpers import assert_one_line_error, run_cli, run_clis, snapshot
+from tests.reliability.helpers import (
+    assert_one_line_error,
+    call_main,
+    run_cli,
+    run_clis,
+    snapshot,
+)
 
 EXTRACTOR = f"fid.extractor={{_target_:{TinyExtractor.__module__}.TinyExtractor}}"
 # Small FID jobs: a few samples against a few reference images, features from a tiny conv net.
@@ -81,28 +88,27 @@ BAD = {
 }
 
 
-@pytest.fixture(scope="module")
-def bad_results(files: dict[str, Path]) -> dict:
-    calls = []
-    for name, (command, model, extra, _) in BAD.items():
-        out = files["tmp"] / "out" / name
-        # Evaluations get a cheap FID setup, so that code which would accept the input does
-        # not spend minutes on Inception before the test sees it.
-        cheap = [EXTRACTOR, "fid.reference_size=8"] if command == "eval" else []
-        calls.append(("evaluate" if command == "eval" else command,
-                      [f"ckpt_path={files[model]}", *QUIET, *cheap, *extra,
-                       f"hydra.run.dir={out}"]))
-    results = run_clis(calls, cwd=files["tmp"])
-    return {name: (files["tmp"] / "out" / name, result)
-            for name, result in zip(BAD, results, strict=True)}
-
-
+@pytest.mark.usefixtures("clean_hydra")
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_is_one_line_before_any_work(bad_results: dict, case: str) -> None:
+def test_bad_input_is_one_line_before_any_work(files: dict[str, Path], case: str, capsys,
+                                               monkeypatch) -> None:
+    """Through the console entry points' ``main`` in this process (argv and cwd as the shell
+    sets them; a refusal happens before anything a subprocess would do differently), so the
+    19 cases cost no interpreter start-ups."""
     if case == "sample-cuda-without-gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    out, result = bad_results[case]
-    line = assert_one_line_error(result, *BAD[case][3])
+    from tarflow.cli import evaluate, sample
+
+    command, model, extra, fragments = BAD[case]
+    out = files["tmp"] / "out" / case
+    # Evaluations get a cheap FID setup, so that code which would accept the input does not
+    # spend minutes on Inception before the test sees it.
+    cheap = [EXTRACTOR, "fid.reference_size=8"] if command == "eval" else []
+    monkeypatch.chdir(files["tmp"])
+    main = {"sample": sample.main, "eval": evaluate.main}[command]
+    result = call_main(main, [f"tarflow-{command}", f"ckpt_path={files[model]}", *QUIET,
+                              *cheap, *extra, f"hydra.run.dir={out}"], capsys)
+    line = assert_one_line_error(result, *fragments)
     assert "weights_only" not in line and "Traceback" not in result.err
     # Before any work: no samples, no eval.json, no .hydra records, not even a log file.
     assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
