@@ -28,6 +28,7 @@ from tarflow.eval.likelihood import progress_bar
 from tarflow.eval.metrics import SampleFeatures, extract
 from tarflow.eval.references import ReferenceStats
 from tarflow.model.space import PixelSpace
+from tarflow.model.student import is_student
 from tarflow.model.tarflow import TarFlow
 from tarflow.sampling.sample_set import (
     Draw,
@@ -83,7 +84,9 @@ def draw_set(net: TarFlow, indices: Sequence[int], schedule: SamplingSchedule | 
             (:mod:`tarflow.eval.metrics`); ``run.features`` is then ``samples.stats``.
     """
     space = space or PixelSpace(net.config)
-    run = SetRun(IterationTally(net.config.num_blocks),
+    # A distilled student solves no blocks: no per-block iterations to count (or to chart).
+    blocks = 0 if is_student(net) else net.config.num_blocks
+    run = SetRun(IterationTally(blocks),
                  FeatureStats() if extractor is not None else None)
     if samples is not None and extractor is not None:
         run.features = samples.stats

@@ -143,3 +143,19 @@ def test_a_perfect_student_guess_needs_one_pass():
     out, stats = sample(teacher, noise, None, init_s, student=perfect)
     torch.testing.assert_close(out, teacher.unpatchify(exact))
     assert all(n == 1 for n in stats.iters.values())
+
+
+def test_a_student_set_counts_no_block_iterations():
+    """A student solves no blocks: its sample set tallies no per-block iterations, so the
+    validation callback logs no all-zero ``sampling/iters/<b>`` and draws no empty chart."""
+    from tarflow.eval.fid_at_n import draw_set
+    from tarflow.lit.callbacks.rounds import round_metrics
+
+    teacher = make_model(3, dtype=torch.float32)
+    run = draw_set(make_student(teacher), range(4), seed=0, batch_size=2)
+    assert run.tally.images == 4 and run.tally.iters == [] and run.tally.mean_iters() == {}
+    metrics = round_metrics(None, run.tally, 0.1, [0.0, 0.0, 0.0], 0.0)
+    assert not any(k.startswith("sampling/iters") for k in metrics)
+    assert metrics["sampling/images"] == 4.0
+    teacher_run = draw_set(teacher, range(2), seed=0, batch_size=2)
+    assert len(teacher_run.tally.iters) == teacher.config.num_blocks

@@ -149,7 +149,8 @@ def round_metrics(ranking: list[BlockRank] | None, tally: IterationTally, slowes
     iters = tally.mean_iters()
     for b, n in iters.items():
         metrics[f"sampling/iters/{b}"] = n
-    metrics["sampling/iters_total"] = sum(iters.values())
+    if iters:  # none for a distilled student: it solves no blocks
+        metrics["sampling/iters_total"] = sum(iters.values())
     metrics["sampling/seconds"] = slowest
     metrics["sampling/seconds_per_image"] = tally.seconds_per_image
     metrics["sampling/images"] = float(tally.images)
