@@ -61,7 +61,7 @@ def chart(points: dict[str, list[tuple[float, float]]], xlabel: str, ylabel: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", required=True)
-    p.add_argument("--student", required=True)
+    p.add_argument("--student", help="the student of the rows (not needed with --only-along)")
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--tol", type=float, default=3e-3)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -74,7 +74,10 @@ def main() -> None:
     p.add_argument("--along", nargs="*", default=[])
     p.add_argument("--pairs")
     p.add_argument("--pairs-count", type=int, default=0, help="members in --pairs (train + "
-                   "val); the last 16 are the held-out ones measured")
+                   "val); the last --held are the held-out ones measured")
+    p.add_argument("--held", type=int, default=16, help="held-out pairs of the --along walk")
+    p.add_argument("--only-along", action="store_true", help="only the --along walk (students "
+                   "of one or more runs, written to along.json / passes_vs_error.png)")
     p.add_argument("--out", required=True)
     p.add_argument("--no-auto", action="store_true", help="time Jacobi at --tol from z instead "
                    "of the planner's schedule")
@@ -82,6 +85,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_for_sampling(args.teacher, device="cpu").net
+    if args.only_along:
+        along(args, teacher, out, {"guidance": args.guidance}, {"teacher": args.teacher},
+              name="along.json")
+        return
+    if not args.student:
+        p.error("--student is needed (or --only-along)")
     student = load_for_sampling(args.student, device="cpu").net
     knobs = {"guidance": args.guidance}
     settings = parse_sampler({"schedule": "auto", "tol": args.tol, "net_dtype": "float32",
@@ -155,10 +164,12 @@ def main() -> None:
         along(args, teacher, out, knobs, result)
 
 
-def along(args, teacher, out: Path, knobs: dict, result: dict) -> None:
-    """Students along one training run: relative error vs passes per block of their guess."""
+def along(args, teacher, out: Path, knobs: dict, result: dict, name: str = "pareto.json"
+          ) -> None:
+    """Students along training runs: relative error vs passes per block of their guess (the
+    last --held members of --pairs, which no student in --along may have trained on)."""
     pairs = PairSet(args.pairs, args.pairs_count)
-    held = list(range(args.pairs_count - 16, args.pairs_count))  # the last 16: held out
+    held = list(range(args.pairs_count - args.held, args.pairs_count))
     z, x, y = pairs.z[held], pairs.x[held], pairs.y[held]
     y = None if not teacher.config.conditional else y
     schedule = parse_schedule(f"{{else:S1/student}} tol={args.tol}")
@@ -173,7 +184,8 @@ def along(args, teacher, out: Path, knobs: dict, result: dict) -> None:
     _, stats = sample(teacher, z, y, SamplingSchedule.jacobi(None, tol=args.tol), **knobs)
     result["along"] = points
     result["along_baseline_z"] = stats.iters
-    (out / "pareto.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / name).write_text(json.dumps(result, indent=2, default=str))
+    points = sorted(points, key=lambda p: p["rel_err"])
     series = {f"block {b}": [(p["rel_err"], p["iters"][b]) for p in points]
               for b in sorted(points[0]["iters"])}
     series["critical path (sum)"] = [(p["rel_err"], p["total"]) for p in points]
