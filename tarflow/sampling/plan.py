@@ -321,7 +321,8 @@ def plan_key(model: TarFlow, *, batch_size: int, tol: float, guidance: Guidance,
     cfg = model.config
     extra = {} if student is None else {"student": {"weights": fingerprint(student),
                                                     "steps": student_steps}}
-    return {**extra,"model": f"weights:{fingerprint(model)}" if weights else f"config:{cfg.tag}",
+    return {**extra, "model": f"weights:{fingerprint(model)}" if weights
+            else f"config:{cfg.tag}",
             "img": [cfg.img_size, cfg.in_channels, cfg.num_classes],
             "device": device_name(param.device), "batch": int(batch_size),
             "dtype": str(param.dtype).removeprefix("torch."),

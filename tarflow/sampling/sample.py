@@ -184,12 +184,12 @@ def precision_errors(model: TarFlow, noise: torch.Tensor, y: torch.Tensor | None
     """How far a low-precision network moves the samples, and how far the tolerance alone does.
 
     Both in the stopping test's metric, the largest per-sample mean((x - x_ref)^2) /
-    mean(x_ref^2) over the batch.
+    mean(x_ref^2) over the batch. ``student`` (and its ``steps``): the guess of the blocks whose
+    schedule says ``init="student"``.
 
     Returns:
         (``schedule``'s samples against the same schedule with every network in full
         precision, that full-precision schedule's samples against the sequential loop's).
-        ``student`` (and its ``steps``): the guess of blocks with ``init="student"``.
     """
     knobs = knobs_of(guidance)
     if student is not None:
