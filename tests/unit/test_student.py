@@ -159,3 +159,19 @@ def test_a_student_set_counts_no_block_iterations():
     assert metrics["sampling/images"] == 4.0
     teacher_run = draw_set(teacher, range(2), seed=0, batch_size=2)
     assert len(teacher_run.tally.iters) == teacher.config.num_blocks
+
+
+def test_the_sample_and_eval_start_up_check_accepts_a_student(tmp_path):
+    """tarflow-sample / tarflow-eval check a checkpoint's shapes against the TarFlow its config
+    implies; a student's tensors are its own network's and must pass to its loader (they were
+    refused as "does not match a TarFlow")."""
+    from omegaconf import OmegaConf
+
+    from tarflow.app.checks.sample import _checkpoint
+
+    teacher = make_model(3, dtype=torch.float32)
+    path = make_student(teacher).save_checkpoint(tmp_path / "student.pt")
+    summary = _checkpoint(OmegaConf.create({"ckpt_path": str(path)}))
+    assert summary.kind == "student"
+    other = make_model(3, dtype=torch.float32).save_checkpoint(tmp_path / "teacher.pt")
+    assert _checkpoint(OmegaConf.create({"ckpt_path": str(other)})).kind == "tarflow"
